@@ -1,0 +1,27 @@
+/** Target types by name (Linux dm_register_target). */
+import type { AnyTargetType } from './target-contract.js';
+import { linearTarget } from '../targets/linear.js';
+import { errorTarget } from '../targets/error.js';
+import { zeroTarget } from '../targets/zero.js';
+
+export class TargetRegistry {
+  private readonly types = new Map<string, AnyTargetType>();
+
+  register(type: AnyTargetType): void {
+    this.types.set(type.name, type);
+  }
+
+  get(name: string): AnyTargetType | undefined {
+    return this.types.get(name);
+  }
+
+  list(): AnyTargetType[] {
+    return [...this.types.values()];
+  }
+}
+
+export function createDefaultTargetRegistry(): TargetRegistry {
+  const r = new TargetRegistry();
+  for (const t of [linearTarget, errorTarget, zeroTarget]) r.register(t);
+  return r;
+}

@@ -1,0 +1,195 @@
+/**
+ * The `dmstate` command: serve, dmsetup, log, demo. Exit code 0 on success, 1 on an operating error with a
+ * clear message on stderr, 2 on a usage error.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { DmError, isDmError } from '../../core/errors.js';
+import { ControlClient } from '../control-client.js';
+import { Daemon } from '../daemon.js';
+import { parseDmsetupArgs } from '../dmsetup/command.js';
+import { formatLoggedEvent } from '../log-format.js';
+import { openPoolDb, poolPaths } from '../pool.js';
+import { EventLog } from '../../log/event-log.js';
+import { createSystemClock } from '../../core/clock.js';
+import { parseUnsigned } from '../../core/parse-number.js';
+import { DMSTATE_VERSION } from '../../version.js';
+import { runDemo } from './demo.js';
+
+export const USAGE = `dmstate ${DMSTATE_VERSION}: the Linux device-mapper in userspace
+
+usage:
+  dmstate serve   [--pool DIR] [--trace] [--seed N]     run the engine for a pool (Ctrl-C stops it cleanly)
+  dmstate dmsetup [--pool DIR] <command> [args...]      dmsetup's commands against the pool's daemon:
+        create NAME [FILE | --table TABLE | --notable] [-u UUID] [-r]    load NAME [FILE | --table TABLE]
+        suspend NAME...   resume NAME...   remove NAME...   remove_all   clear NAME
+        status [NAME...]  table [NAME...]  (--inactive, --target TYPE)   info [NAME...] [-c]   ls [--target TYPE]
+        message NAME SECTOR MSG...  (message NAME 0 mark LABEL appends a named mark to the event log)
+        targets   version   mknodes
+  dmstate log     [--pool DIR] [--follow] [--since SEQ] [--json]   print the pool's event log
+  dmstate demo    [--pool DIR]                           serve with a demo device (what npm start runs)
+
+The pool is --pool DIR, else $DMSTATE_POOL, else ./dmstate-data. Table device arguments are file paths,
+names of other mapped devices, /dev/mapper/NAME or 253:MINOR.
+`;
+
+/** Takes `--pool DIR` / `--pool=DIR` out of argv wherever it stands. */
+function extractPool(argv: string[]): { pool: string; rest: string[] } {
+  let pool = process.env.DMSTATE_POOL || './dmstate-data';
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === '--pool') {
+      if (i + 1 >= argv.length) throw new DmError('DM_INVALID_ARGUMENT', '--pool needs a folder');
+      pool = argv[++i];
+    } else if (argv[i].startsWith('--pool=')) pool = argv[i].slice('--pool='.length);
+    else rest.push(argv[i]);
+  }
+  return { pool, rest };
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [cmd, ...args] = argv;
+  try {
+    switch (cmd) {
+      case undefined:
+      case 'help':
+      case '--help':
+      case '-h':
+        process.stdout.write(USAGE);
+        return cmd === undefined ? 2 : 0;
+      case '--version':
+      case 'version':
+        process.stdout.write(`dmstate ${DMSTATE_VERSION}\n`);
+        return 0;
+      case 'serve':
+        return await serve(args);
+      case 'dmsetup':
+        return await dmsetup(args);
+      case 'log':
+        return await log(args);
+      case 'demo':
+        return await runDemo(extractPool(args).pool);
+      default:
+        process.stderr.write(`dmstate: unknown command '${cmd}'\n\n${USAGE}`);
+        return 2;
+    }
+  } catch (err) {
+    if (isDmError(err)) {
+      process.stderr.write(`dmstate: ${err.message}\n`);
+      return err.code === 'DM_INVALID_ARGUMENT' || err.code === 'DM_UNKNOWN_COMMAND' ? 2 : 1;
+    }
+    throw err;
+  }
+}
+
+/** Resolves when SIGINT or SIGTERM arrives. */
+export function untilSignal(): Promise<string> {
+  return new Promise((resolve) => {
+    const on = (sig: string): void => {
+      process.off('SIGINT', on);
+      process.off('SIGTERM', on);
+      resolve(sig);
+    };
+    process.on('SIGINT', on);
+    process.on('SIGTERM', on);
+  });
+}
+
+async function serve(argv: string[]): Promise<number> {
+  const { pool, rest } = extractPool(argv);
+  let trace = false;
+  let seed: number | undefined;
+  for (let i = 0; i < rest.length; i++) {
+    if (rest[i] === '--trace') trace = true;
+    else if (rest[i] === '--seed') seed = parseUnsigned(rest[++i] ?? '', '--seed', 'DM_INVALID_ARGUMENT');
+    else throw new DmError('DM_INVALID_ARGUMENT', `serve: unknown option '${rest[i]}'`);
+  }
+  const daemon = await Daemon.start({ poolDir: pool, trace, seed });
+  for (const f of daemon.engine.restoreFailures) process.stderr.write(`dmstate: could not restore ${f}\n`);
+  process.stderr.write(`dmstate: serving pool ${daemon.paths.dir} (control socket ${daemon.paths.controlSocket}, ${daemon.engine.names().length} devices)\n`);
+  const sig = await untilSignal();
+  process.stderr.write(`dmstate: ${sig}: shutting down\n`);
+  await daemon.close();
+  return 0;
+}
+
+async function readStdin(): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const c of process.stdin) chunks.push(c as Buffer);
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+async function dmsetup(argv: string[]): Promise<number> {
+  const { pool, rest } = extractPool(argv);
+  if (rest.includes('--help') || rest.includes('-h')) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const command = parseDmsetupArgs(rest);
+  command.cwd = process.cwd();
+  if (command.tableFile !== undefined) {
+    const file = path.resolve(command.tableFile);
+    try {
+      command.table = fs.readFileSync(file, 'utf8');
+    } catch (err) {
+      throw new DmError('DM_INVALID_ARGUMENT', `cannot read table file ${file}: ${(err as NodeJS.ErrnoException).code}`);
+    }
+  } else if (command.tableFromStdin) {
+    command.table = await readStdin();
+  }
+  const paths = poolPaths(pool);
+  const client = await ControlClient.connect(paths.controlSocket, paths.dir);
+  try {
+    const r = await client.request({ op: 'dmsetup', command });
+    if (r.op !== 'dmsetup') throw new DmError('DM_NO_DAEMON', `unexpected answer from the daemon: ${r.op}`);
+    process.stdout.write(r.result.stdout);
+    process.stderr.write(r.result.stderr);
+    return r.result.exitCode;
+  } finally {
+    client.close();
+  }
+}
+
+async function log(argv: string[]): Promise<number> {
+  const { pool, rest } = extractPool(argv);
+  let follow = false;
+  let json = false;
+  let sinceSeq: number | undefined;
+  for (let i = 0; i < rest.length; i++) {
+    if (rest[i] === '--follow' || rest[i] === '-f') follow = true;
+    else if (rest[i] === '--json') json = true;
+    else if (rest[i] === '--since') sinceSeq = parseUnsigned(rest[++i] ?? '', '--since', 'DM_INVALID_ARGUMENT');
+    else throw new DmError('DM_INVALID_ARGUMENT', `log: unknown option '${rest[i]}'`);
+  }
+  const print = (e: Parameters<typeof formatLoggedEvent>[0]): void => {
+    process.stdout.write((json ? JSON.stringify(e) : formatLoggedEvent(e)) + '\n');
+  };
+  const paths = poolPaths(pool);
+  let client: ControlClient | undefined;
+  try {
+    client = await ControlClient.connect(paths.controlSocket, paths.dir);
+  } catch (err) {
+    if (follow) throw err;
+  }
+  if (client) {
+    const c = client;
+    const done = c.stream({ op: 'log', sinceSeq, follow }, (r) => {
+      if (r.op === 'event') print(r.event);
+      return r.op === 'end';
+    });
+    if (follow) {
+      await Promise.race([done, untilSignal()]);
+    } else await done;
+    c.close();
+    return 0;
+  }
+  // No daemon: read the pool's database directly.
+  const db = await openPoolDb(paths, { create: false });
+  try {
+    const eventLog = await EventLog.open(db, createSystemClock());
+    for await (const e of eventLog.read({ sinceSeq })) print(e);
+  } finally {
+    await db.close();
+  }
+  return 0;
+}

@@ -1,0 +1,193 @@
+/**
+ * The event log: typed events on an RxJS Subject, persisted to LevelDB with a monotonic sequence number.
+ *
+ * Group commit: appends go into one queue owned by a single committer, which drains everything waiting into ONE
+ * LevelDB batch (synced when any event in it was marked durable) and then resolves the producers waiting on it.
+ * While a batch is being written, new appends gather for the next one, so many durable events share one
+ * fdatasync (measured here: 1 put+sync ≈ 280 µs, a synced batch of 256 ≈ 2.7 ms).
+ *
+ * Extra batch operations (e.g. a device record) can ride along with an event and land atomically with it.
+ */
+import { Subject, type Observable } from 'rxjs';
+import type { AbstractLevel, AbstractSublevel } from 'abstract-level';
+import type { Clock } from '../core/clock.js';
+import { DmError } from '../core/errors.js';
+import { assert } from '../core/assert.js';
+import type { DmEvent, LoggedEvent } from './events.js';
+import { TRACE_EVENT_TYPES } from './events.js';
+
+/** A LevelDB (or memory-level) database with string keys and JSON values. */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- abstract-level's generics vary per implementation
+export type LevelDb = AbstractLevel<any, string, any>;
+
+export interface BatchPut {
+  readonly type: 'put';
+  readonly sublevel: 'devices' | 'meta';
+  readonly key: string;
+  readonly value: unknown;
+}
+export interface BatchDel {
+  readonly type: 'del';
+  readonly sublevel: 'devices' | 'meta';
+  readonly key: string;
+}
+export type BatchOp = BatchPut | BatchDel;
+
+export interface AppendOptions {
+  /** The returned promise resolves only once the event is in a synced batch. */
+  readonly durable?: boolean;
+  /** Operations written in the same batch as the event. */
+  readonly ops?: readonly BatchOp[];
+}
+
+interface Pending {
+  readonly event: LoggedEvent;
+  readonly durable: boolean;
+  readonly ops: readonly BatchOp[] | undefined;
+  resolve(): void;
+  reject(err: unknown): void;
+}
+
+/** Sequence numbers as fixed-width hex so that LevelDB's byte order is numeric order. */
+export const seqKey = (seq: number): string => seq.toString(16).padStart(14, '0');
+
+/** At most this many events go into one batch; the rest wait for the next. */
+const BATCH_EVENTS_MAX = 4096;
+
+export class EventLog {
+  private readonly subject = new Subject<LoggedEvent>();
+  /** Every event as it is appended (before it is durable). */
+  readonly events$: Observable<LoggedEvent> = this.subject.asObservable();
+  /** Whether trace-level events (bio lifecycle, kcopyd) are produced at all. Producers check it first. */
+  traceEnabled = false;
+  /** Whether trace-level events are also persisted (they always go to events$ when produced). */
+  persistTrace = false;
+
+  private nextSeq = 1;
+  private queue: Pending[] = [];
+  private committing = false;
+  private closed = false;
+  private idleWaiters: Array<() => void> = [];
+  private readonly eventsDb: AbstractSublevel<LevelDb, unknown, string, unknown> | undefined;
+  private readonly subDbs: Record<'devices' | 'meta', AbstractSublevel<LevelDb, unknown, string, unknown>> | undefined;
+
+  private constructor(private readonly db: LevelDb | undefined, private readonly clock: Clock) {
+    if (db) {
+      this.eventsDb = db.sublevel<string, unknown>('events', { valueEncoding: 'json' });
+      this.subDbs = {
+        devices: db.sublevel<string, unknown>('devices', { valueEncoding: 'json' }),
+        meta: db.sublevel<string, unknown>('meta', { valueEncoding: 'json' }),
+      };
+    }
+  }
+
+  /** Opens the log on an open database (or none: events$ only, nothing persisted). Resumes the sequence. */
+  static async open(db: LevelDb | undefined, clock: Clock): Promise<EventLog> {
+    const log = new EventLog(db, clock);
+    if (log.eventsDb) {
+      for await (const key of log.eventsDb.keys({ reverse: true, limit: 1 })) {
+        log.nextSeq = parseInt(key, 16) + 1;
+      }
+    }
+    return log;
+  }
+
+  get lastSeq(): number {
+    return this.nextSeq - 1;
+  }
+
+  /**
+   * Appends an event. Returns at once for non-durable events (the promise still reports a failed batch);
+   * with `durable`, resolves once the batch holding it is synced.
+   */
+  append(event: DmEvent, options: AppendOptions = {}): Promise<LoggedEvent> {
+    if (this.closed) return Promise.reject(new DmError('DM_CLOSED', 'event log is closed'));
+    const logged = { ...event, seq: this.nextSeq++, timeMs: this.clock.nowMs() } as LoggedEvent;
+    this.subject.next(logged);
+    const isTrace = TRACE_EVENT_TYPES.has(event.type);
+    if (!this.eventsDb || (isTrace && !this.persistTrace)) {
+      assert(!options.ops || options.ops.length === 0 || this.eventsDb, 'batch ops need a database');
+      return Promise.resolve(logged);
+    }
+    return new Promise<LoggedEvent>((resolve, reject) => {
+      this.queue.push({ event: logged, durable: options.durable === true, ops: options.ops, resolve: () => resolve(logged), reject });
+      if (!this.committing) this.scheduleCommit();
+    });
+  }
+
+  /** Emits a trace-level event if tracing is on. Cheap when it is off (one boolean test by the caller). */
+  trace(event: DmEvent): void {
+    if (!this.traceEnabled) return;
+    void this.append(event).catch(() => undefined);
+  }
+
+  private scheduleCommit(): void {
+    this.committing = true;
+    // setImmediate lets producers of the same tick join this batch.
+    setImmediate(() => void this.commitLoop());
+  }
+
+  private async commitLoop(): Promise<void> {
+    while (this.queue.length > 0) {
+      const group = this.queue.length <= BATCH_EVENTS_MAX ? this.queue : this.queue.slice(0, BATCH_EVENTS_MAX);
+      this.queue = this.queue.length <= BATCH_EVENTS_MAX ? [] : this.queue.slice(BATCH_EVENTS_MAX);
+      let sync = false;
+      const batch = this.db!.batch();
+      for (const p of group) {
+        if (p.durable) sync = true;
+        batch.put(seqKey(p.event.seq), p.event, { sublevel: this.eventsDb! });
+        if (p.ops) {
+          for (const op of p.ops) {
+            if (op.type === 'put') batch.put(op.key, op.value, { sublevel: this.subDbs![op.sublevel] });
+            else batch.del(op.key, { sublevel: this.subDbs![op.sublevel] });
+          }
+        }
+      }
+      try {
+        await batch.write({ sync });
+        for (const p of group) p.resolve();
+      } catch (err) {
+        const e = new DmError('DM_IO', `event log: batch write failed: ${(err as Error).message}`, { cause: err });
+        for (const p of group) p.reject(e);
+      }
+    }
+    this.committing = false;
+    const waiters = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  /** Resolves when everything appended so far is written. */
+  drain(): Promise<void> {
+    if (!this.committing && this.queue.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** Stored events with seq ≥ sinceSeq, in order. */
+  async *read(options: { sinceSeq?: number; limit?: number } = {}): AsyncGenerator<LoggedEvent> {
+    if (!this.eventsDb) return;
+    const it = this.eventsDb.values({ gte: seqKey(options.sinceSeq ?? 1), limit: options.limit ?? -1 });
+    for await (const v of it) yield v as LoggedEvent;
+  }
+
+  /** Reads one record of a side table (devices, meta). */
+  async getRecord<T>(sublevel: 'devices' | 'meta', key: string): Promise<T | undefined> {
+    if (!this.subDbs) return undefined;
+    return (await this.subDbs[sublevel].get(key)) as T | undefined;
+  }
+
+  async listRecords<T>(sublevel: 'devices' | 'meta'): Promise<Array<[string, T]>> {
+    if (!this.subDbs) return [];
+    const out: Array<[string, T]> = [];
+    for await (const [k, v] of this.subDbs[sublevel].iterator()) out.push([k, v as T]);
+    return out;
+  }
+
+  /** Writes what is queued, then refuses further appends and completes events$. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.drain();
+    this.closed = true;
+    this.subject.complete();
+  }
+}

@@ -1,0 +1,45 @@
+/**
+ * The typed events of the engine. Every state change is one; the control-plane ones are persisted to the pool's
+ * LevelDB log with a sequence number, the trace-level ones (bio lifecycle, kcopyd pieces) only when tracing is on.
+ */
+export type BioOp = 'read' | 'write' | 'flush' | 'discard';
+
+export type DmEvent =
+  | { type: 'device.created'; device: string; minor: number; uuid?: string; readOnly: boolean }
+  | { type: 'table.loaded'; device: string; table: string[] }
+  | { type: 'table.cleared'; device: string }
+  | { type: 'device.suspended'; device: string }
+  | { type: 'device.resumed'; device: string; table: string[]; swapped: boolean }
+  | { type: 'device.removed'; device: string }
+  | { type: 'mark'; device: string; name: string }
+  | { type: 'engine.started'; devices: number }
+  | { type: 'engine.stopped' }
+  | {
+      type: 'bio';
+      device: string;
+      bioId: number;
+      op: BioOp;
+      sector: number;
+      lengthSectors: number;
+      from: string;
+      event: string;
+      state: string;
+    }
+  | {
+      type: 'kcopyd.job';
+      jobId: number;
+      state: string;
+      sourceSector?: number;
+      lengthSectors: number;
+      destinations: number;
+      readError?: boolean;
+      writeErrorMask?: number;
+    };
+
+export type DmEventType = DmEvent['type'];
+
+/** Trace-level events: cheap to skip, never needed to rebuild state. */
+export const TRACE_EVENT_TYPES: ReadonlySet<DmEventType> = new Set<DmEventType>(['bio', 'kcopyd.job']);
+
+/** An event as the log holds it: a sequence number (monotonic per pool) and the injected clock's time. */
+export type LoggedEvent = DmEvent & { readonly seq: number; readonly timeMs: number };
