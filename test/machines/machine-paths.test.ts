@@ -1,0 +1,108 @@
+/**
+ * Model-based tests: every path xstate/graph finds through each machine (shortest paths to every state and every
+ * simple path) is run against the xstate machine and against its compiled transition table; both must be in the
+ * same state after every step, and together the paths must cover every state and every transition.
+ */
+import { describe, expect, test } from 'vitest';
+import { createActor, type AnyStateMachine } from 'xstate';
+import { getShortestPaths, getSimplePaths } from 'xstate/graph';
+import { MACHINES } from '../../machines/index.js';
+import { compileMachine } from '../../src/core/compiled-machine.js';
+
+function allEvents(compiledEvents: readonly string[]) {
+  return compiledEvents.map((type) => ({ type }));
+}
+
+for (const [name, machine] of Object.entries(MACHINES) as Array<[string, AnyStateMachine]>) {
+  describe(`machine ${name}`, () => {
+    const compiled = compileMachine(machine);
+    const events = allEvents(compiled.eventNames);
+    const graphPaths = [...getShortestPaths(machine, { events }), ...getSimplePaths(machine, { events })];
+    const eventsOf = (p: (typeof graphPaths)[number]): string[] =>
+      p.steps.map((st) => st.event.type).filter((t) => !t.startsWith('xstate.'));
+    // Transition cover: the shortest path to each state, then each event that state accepts (back edges such as
+    // HELD --RETRY--> SUBMITTED are on no simple path).
+    const transitionCover: string[][] = [];
+    for (const p of getShortestPaths(machine, { events })) {
+      const si = compiled.stateIndex(String(p.state.value));
+      for (let ei = 0; ei < compiled.eventNames.length; ei++) {
+        if (compiled.tryStep(si, ei) >= 0) transitionCover.push([...eventsOf(p), compiled.eventNames[ei]]);
+      }
+    }
+    const paths: string[][] = [...graphPaths.map(eventsOf), ...transitionCover];
+
+    test('has paths to explore', () => {
+      expect(paths.length).toBeGreaterThan(0);
+    });
+
+    test('the graph paths end where xstate/graph says they do', () => {
+      for (const p of graphPaths) {
+        let s = compiled.initialIndex;
+        for (const t of eventsOf(p)) s = compiled.step(s, compiled.eventIndex(t));
+        expect(compiled.stateNames[s]).toBe(p.state.value);
+      }
+    });
+
+    test('xstate and the compiled table agree on every step of every path', () => {
+      for (const path of paths) {
+        const actor = createActor(machine).start();
+        let s = compiled.initialIndex;
+        expect(actor.getSnapshot().value).toBe(compiled.stateNames[s]);
+        for (const type of path) {
+          actor.send({ type });
+          s = compiled.step(s, compiled.eventIndex(type));
+          expect(compiled.stateNames[s]).toBe(actor.getSnapshot().value);
+          expect(compiled.isFinal[s]).toBe(actor.getSnapshot().status === 'done');
+        }
+        actor.stop();
+      }
+    });
+
+    test('events not accepted in a state are rejected by both forms', () => {
+      for (let si = 0; si < compiled.stateNames.length; si++) {
+        for (let ei = 0; ei < compiled.eventNames.length; ei++) {
+          if (compiled.tryStep(si, ei) >= 0) continue;
+          expect(() => compiled.step(si, ei)).toThrow(/not accepted/);
+          const snap = machine.resolveState({ value: compiled.stateNames[si] });
+          expect(snap.can({ type: compiled.eventNames[ei] })).toBe(false);
+        }
+      }
+    });
+
+    test('the paths cover every state and every transition', () => {
+      const statesSeen = new Set<string>([compiled.stateNames[compiled.initialIndex]]);
+      const transitionsSeen = new Set<string>();
+      for (const path of paths) {
+        let s = compiled.initialIndex;
+        for (const type of path) {
+          const next = compiled.step(s, compiled.eventIndex(type));
+          transitionsSeen.add(`${compiled.stateNames[s]} --${type}--> ${compiled.stateNames[next]}`);
+          s = next;
+          statesSeen.add(compiled.stateNames[s]);
+        }
+      }
+      const allTransitions = new Set<string>();
+      for (let si = 0; si < compiled.stateNames.length; si++) {
+        for (let ei = 0; ei < compiled.eventNames.length; ei++) {
+          const n = compiled.tryStep(si, ei);
+          if (n >= 0) allTransitions.add(`${compiled.stateNames[si]} --${compiled.eventNames[ei]}--> ${compiled.stateNames[n]}`);
+        }
+      }
+      expect([...statesSeen].sort()).toEqual([...compiled.stateNames].sort());
+      expect([...transitionsSeen].sort()).toEqual([...allTransitions].sort());
+      expect(allTransitions.size).toBeGreaterThan(0);
+    });
+  });
+}
+
+test('compileMachine refuses machines the table cannot express', async () => {
+  const { setup } = await import('xstate');
+  const guarded = setup({ guards: { g: () => true } }).createMachine({
+    id: 'g',
+    initial: 'A',
+    states: { A: { on: { GO: { target: 'B', guard: 'g' } } }, B: {} },
+  });
+  expect(() => compileMachine(guarded)).toThrow(/guard/);
+  const nested = setup({}).createMachine({ id: 'n', initial: 'A', states: { A: { initial: 'x', states: { x: {} } } } });
+  expect(() => compileMachine(nested)).toThrow(/feature/);
+});
