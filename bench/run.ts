@@ -1,0 +1,10 @@
+/** `npm run bench`: every benchmark, one after the other, results printed as lines. Not a test. */
+import { benchLinearOverhead } from './linear-overhead.js';
+
+const only = process.argv[2];
+const benches: Array<[string, () => Promise<string>]> = [['linear-overhead', () => benchLinearOverhead()]];
+
+for (const [name, run] of benches) {
+  if (only && only !== name) continue;
+  process.stdout.write(`${await run()}\n`);
+}
