@@ -92,7 +92,7 @@ describe('engine: tables and lifecycle', () => {
     for (const [table, re] of cases) {
       const err = await e.create('bad', { table }).catch((x: unknown) => x as { code: string; message: string });
       expect(err, table).toMatchObject({ code: 'DM_TABLE_INVALID' });
-      expect((err as Error).message).toMatch(re);
+      expect((err as { message: string }).message).toMatch(re);
       const lerr = await e.load('keep', table).catch((x: unknown) => x as { code: string });
       expect(lerr, table).toMatchObject({ code: 'DM_TABLE_INVALID' });
     }

@@ -63,7 +63,7 @@ for (const [name, machine] of Object.entries(MACHINES) as Array<[string, AnyStat
         for (let ei = 0; ei < compiled.eventNames.length; ei++) {
           if (compiled.tryStep(si, ei) >= 0) continue;
           expect(() => compiled.step(si, ei)).toThrow(/not accepted/);
-          const snap = machine.resolveState({ value: compiled.stateNames[si] });
+          const snap = machine.resolveState({ value: compiled.stateNames[si], context: undefined });
           expect(snap.can({ type: compiled.eventNames[ei] })).toBe(false);
         }
       }
