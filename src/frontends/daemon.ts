@@ -11,9 +11,12 @@ import { CONTROL_LINE_BYTES_MAX, type ControlRequest, type ControlResponse } fro
 import { executeDmsetup } from './dmsetup/execute.js';
 import { openPoolDb, poolPaths, type PoolPaths } from './pool.js';
 import { DMSTATE_VERSION } from '../version.js';
+import { NbdServer, engineExports, type NbdListenAddress } from './nbd/server.js';
 
 export interface DaemonOptions extends Omit<EngineOptions, 'db'> {
   readonly poolDir: string;
+  /** Also serve NBD on TCP (the unix socket DIR/nbd.sock is always served). */
+  readonly nbdTcp?: NbdListenAddress;
 }
 
 export class Daemon {
@@ -25,6 +28,7 @@ export class Daemon {
     readonly engine: Engine,
     private readonly db: LevelDb,
     private readonly server: net.Server,
+    readonly nbd: NbdServer,
   ) {}
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -41,10 +45,18 @@ export class Daemon {
       await db.close();
       throw err;
     }
+    let nbd: NbdServer;
+    try {
+      nbd = await NbdServer.start(engineExports(engine), { unixPath: paths.nbdSocket, tcp: options.nbdTcp });
+    } catch (err) {
+      await engine.close();
+      await db.close();
+      throw err;
+    }
     // We hold the database lock, so a socket file left behind is stale.
     fs.rmSync(paths.controlSocket, { force: true });
     const server = net.createServer();
-    const daemon = new Daemon(paths, engine, db, server);
+    const daemon = new Daemon(paths, engine, db, server, nbd);
     server.on('connection', (sock) => daemon.onConnection(sock));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -150,6 +162,7 @@ export class Daemon {
       const stopped = new Promise<void>((resolve) => this.server.close(() => resolve()));
       for (const s of this.connections) s.destroy();
       await stopped;
+      await this.nbd.close();
       await this.engine.close();
       await this.db.close();
       fs.rmSync(this.paths.controlSocket, { force: true });

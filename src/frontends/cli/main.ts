@@ -15,11 +15,13 @@ import { createSystemClock } from '../../core/clock.js';
 import { parseUnsigned } from '../../core/parse-number.js';
 import { DMSTATE_VERSION } from '../../version.js';
 import { runDemo } from './demo.js';
+import { parseListenAddress, type NbdListenAddress } from '../nbd/server.js';
 
 export const USAGE = `dmstate ${DMSTATE_VERSION}: the Linux device-mapper in userspace
 
 usage:
-  dmstate serve   [--pool DIR] [--trace] [--seed N]     run the engine for a pool (Ctrl-C stops it cleanly)
+  dmstate serve   [--pool DIR] [--listen HOST:PORT] [--trace] [--seed N]
+                  run the engine for a pool, devices as NBD exports on DIR/nbd.sock (and TCP with --listen)
   dmstate dmsetup [--pool DIR] <command> [args...]      dmsetup's commands against the pool's daemon:
         create NAME [FILE | --table TABLE | --notable] [-u UUID] [-r]    load NAME [FILE | --table TABLE]
         suspend NAME...   resume NAME...   remove NAME...   remove_all   clear NAME
@@ -99,14 +101,19 @@ async function serve(argv: string[]): Promise<number> {
   const { pool, rest } = extractPool(argv);
   let trace = false;
   let seed: number | undefined;
+  let nbdTcp: NbdListenAddress | undefined;
   for (let i = 0; i < rest.length; i++) {
     if (rest[i] === '--trace') trace = true;
+    else if (rest[i] === '--listen') nbdTcp = parseListenAddress(rest[++i] ?? '');
+    else if (rest[i].startsWith('--listen=')) nbdTcp = parseListenAddress(rest[i].slice('--listen='.length));
     else if (rest[i] === '--seed') seed = parseUnsigned(rest[++i] ?? '', '--seed', 'DM_INVALID_ARGUMENT');
     else throw new DmError('DM_INVALID_ARGUMENT', `serve: unknown option '${rest[i]}'`);
   }
-  const daemon = await Daemon.start({ poolDir: pool, trace, seed });
+  const daemon = await Daemon.start({ poolDir: pool, trace, seed, nbdTcp });
   for (const f of daemon.engine.restoreFailures) process.stderr.write(`dmstate: could not restore ${f}\n`);
-  process.stderr.write(`dmstate: serving pool ${daemon.paths.dir} (control socket ${daemon.paths.controlSocket}, ${daemon.engine.names().length} devices)\n`);
+  process.stderr.write(`dmstate: serving pool ${daemon.paths.dir} (control socket ${daemon.paths.controlSocket}, ${daemon.engine.names().length} devices)\n` +
+      `dmstate: NBD exports on nbd+unix:///NAME?socket=${daemon.paths.nbdSocket}` +
+      (daemon.nbd.tcpPort !== undefined ? ` and nbd://${nbdTcp!.host}:${daemon.nbd.tcpPort}/NAME` : '') + '\n');
   const sig = await untilSignal();
   process.stderr.write(`dmstate: ${sig}: shutting down\n`);
   await daemon.close();

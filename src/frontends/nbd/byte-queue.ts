@@ -1,0 +1,87 @@
+/**
+ * Bytes received from a socket, taken off in pieces without copying when a piece lies in one chunk (the common
+ * case for request headers and payloads that arrive whole).
+ */
+export class ByteQueue {
+  private chunks: Buffer[] = [];
+  private head = 0; // offset into chunks[0]
+  length = 0;
+  private waiter: { bytes: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
+  private error: Error | undefined;
+
+  push(chunk: Buffer): void {
+    this.chunks.push(chunk);
+    this.length += chunk.length;
+    const w = this.waiter;
+    if (w && this.length >= w.bytes) {
+      this.waiter = undefined;
+      w.resolve(this.tryTake(w.bytes)!);
+    }
+  }
+
+  /** Fails a pending take() (socket closed). */
+  fail(err: Error): void {
+    this.error = err;
+    const w = this.waiter;
+    this.waiter = undefined;
+    w?.reject(err);
+  }
+
+  /** The next `bytes` bytes, or undefined if not all have arrived. */
+  tryTake(bytes: number): Buffer | undefined {
+    if (this.length < bytes) return undefined;
+    this.length -= bytes;
+    const first = this.chunks[0];
+    if (bytes === 0) return Buffer.alloc(0);
+    if (first.length - this.head >= bytes) {
+      const out = first.subarray(this.head, this.head + bytes);
+      this.head += bytes;
+      if (this.head === first.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
+      return out;
+    }
+    const out = Buffer.allocUnsafe(bytes);
+    let filled = 0;
+    while (filled < bytes) {
+      const c = this.chunks[0];
+      const n = Math.min(c.length - this.head, bytes - filled);
+      c.copy(out, filled, this.head, this.head + n);
+      filled += n;
+      this.head += n;
+      if (this.head === c.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
+    }
+    return out;
+  }
+
+  /** Drops up to `bytes` bytes; returns how many were dropped. */
+  skip(bytes: number): number {
+    let dropped = 0;
+    while (dropped < bytes && this.chunks.length > 0) {
+      const c = this.chunks[0];
+      const n = Math.min(c.length - this.head, bytes - dropped);
+      dropped += n;
+      this.head += n;
+      if (this.head === c.length) {
+        this.chunks.shift();
+        this.head = 0;
+      }
+    }
+    this.length -= dropped;
+    return dropped;
+  }
+
+  /** Waits for `bytes` bytes (handshake phase). */
+  take(bytes: number): Promise<Buffer> {
+    if (this.error) return Promise.reject(this.error);
+    const b = this.tryTake(bytes);
+    if (b) return Promise.resolve(b);
+    return new Promise((resolve, reject) => {
+      this.waiter = { bytes, resolve, reject };
+    });
+  }
+}
