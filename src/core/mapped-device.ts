@@ -7,7 +7,7 @@
  * remapped I/O on the device below, or held by the target, or finished by it. No event is produced unless
  * tracing is on; the only allocations are the request's promise, the Bio and the remapped I/O's promise.
  */
-import { BlockDevice, type BlockDeviceSupports } from '../block/contract.js';
+import { BlockDevice, type BlockDeviceSupports, type BlockExtent } from '../block/contract.js';
 import { SECTOR_SIZE_BYTES, type Sector } from '../block/units.js';
 import { assert } from './assert.js';
 import { BIO_EVENT, BIO_MACHINE, Bio, MAP_DONE, MAP_HELD, MAP_KILL, MAP_REMAPPED, type IoRequest } from './bio.js';
@@ -22,7 +22,7 @@ export type BioObserver = (device: MappedDevice, bio: Bio, fromState: number, ev
 const EMPTY = new Uint8Array(0);
 
 export class MappedDevice extends BlockDevice {
-  readonly supports: BlockDeviceSupports = { flush: true, discard: true, fua: true, holes: false };
+  readonly supports: BlockDeviceSupports = { flush: true, discard: true, fua: true, holes: true };
   live: Table | undefined = undefined;
   inactive: Table | undefined = undefined;
   suspended = false;
@@ -75,6 +75,32 @@ export class MappedDevice extends BlockDevice {
   protected override _discard(sector: Sector, lengthSectors: Sector): Promise<void> {
     if (this.readOnly) return Promise.reject(new DmError('DM_IO', `${this.name}: device is read-only`));
     return this.submit('discard', sector, lengthSectors, EMPTY, false);
+  }
+
+  /** Asks each target the range touches; device-relative extents in order. */
+  protected override async _blockStatus(sector: Sector, lengthSectors: Sector): Promise<BlockExtent[]> {
+    const table = this.live;
+    if (!table || lengthSectors === 0) return [];
+    const out: BlockExtent[] = [];
+    const end = sector + lengthSectors;
+    for (let ti = table.findTargetIndex(sector), s = sector as number; s < end; ti++) {
+      const t = table.targets[ti];
+      const pieceEnd = Math.min(end, t.endSector);
+      const offset = (s - t.beginSector) as Sector;
+      const len = (pieceEnd - s) as Sector;
+      const extents = t.type.blockStatus
+        ? await t.type.blockStatus(t.instance, offset, len)
+        : [{ startSector: offset, lengthSectors: len, hole: false }];
+      for (const e of extents) {
+        const start = (e.startSector + t.beginSector) as Sector;
+        const last = out[out.length - 1];
+        if (last && last.hole === e.hole && last.startSector + last.lengthSectors === start) {
+          out[out.length - 1] = { ...last, lengthSectors: (last.lengthSectors + e.lengthSectors) as Sector };
+        } else out.push({ startSector: start, lengthSectors: e.lengthSectors, hole: e.hole });
+      }
+      s = pieceEnd;
+    }
+    return out;
   }
 
   /** Makes a request into a bio and sends it on (or queues it while suspended). */

@@ -2,7 +2,7 @@
  * The target contract: a method table per target type (Linux struct target_type). Targets are found by name in
  * the registry (src/core/target-registry.ts). Optional slots are left out; callers check them first.
  */
-import type { BlockDevice } from '../block/contract.js';
+import type { BlockDevice, BlockExtent } from '../block/contract.js';
 import type { Sector } from '../block/units.js';
 import type { Clock } from './clock.js';
 import type { Rng } from './rng.js';
@@ -47,6 +47,11 @@ export interface TargetType<TInstance = unknown> {
    * target. Synchronous: the hot path. MAP_REMAPPED must set bio.remapDevice and bio.remapSector.
    */
   map(instance: TInstance, bio: Bio, ctx: TargetContext): MapResult;
+  /**
+   * Allocation of [offsetSectors, offsetSectors + lengthSectors) of the target (offsets relative to the target's
+   * start), as extents in order; for NBD base:allocation. Without this slot the range is reported as data.
+   */
+  blockStatus?(instance: TInstance, offsetSectors: Sector, lengthSectors: Sector): Promise<BlockExtent[]>;
   /** `dmsetup status` text after the target name ('' for none). */
   status(instance: TInstance): string;
   /** `dmsetup table` text after the target name. */

@@ -35,6 +35,10 @@ export const linearTarget: TargetType<LinearInstance> = Object.freeze({
     bio.remapSector = (bio.sector + inst.deltaSectors) as Sector;
     return MAP_REMAPPED;
   },
+  async blockStatus(inst: LinearInstance, offsetSectors: Sector, lengthSectors: Sector) {
+    const below = await inst.device.blockStatus((inst.offsetSectors + offsetSectors) as Sector, lengthSectors);
+    return below.map((e) => ({ ...e, startSector: (e.startSector - inst.offsetSectors) as Sector }));
+  },
   status: () => '',
   table: (inst: LinearInstance) => `${inst.label} ${inst.offsetSectors}`,
 });

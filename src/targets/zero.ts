@@ -1,6 +1,7 @@
 /** `zero`: reads return zeroes, writes and discards are dropped (Linux dm-zero). */
 import { MAP_DONE, type Bio } from '../core/bio.js';
 import type { TargetType } from '../core/target-contract.js';
+import type { Sector } from '../block/units.js';
 
 export const zeroTarget: TargetType<null> = Object.freeze({
   name: 'zero',
@@ -12,6 +13,7 @@ export const zeroTarget: TargetType<null> = Object.freeze({
     if (bio.op === 'read') bio.buf.fill(0);
     return MAP_DONE;
   },
+  blockStatus: async (_inst: null, offsetSectors: Sector, lengthSectors: Sector) => [{ startSector: offsetSectors, lengthSectors, hole: true }],
   status: () => '',
   table: () => '',
 });

@@ -142,6 +142,22 @@ describe('engine: tables and lifecycle', () => {
     await e.close();
   });
 
+  test('block status goes through the targets: zero is a hole, linear asks the device below', async () => {
+    const m0 = mem(8192);
+    const e = await engineWith({ m0 });
+    await e.create('d', { table: '0 1024 linear m0 1024\n1024 1024 zero\n2048 1024 error' });
+    const d = e.device('d')!;
+    await d.write(sectors(256), Buffer.alloc(512, 1)); // memory pages are 64 KiB = 128 sectors
+    expect(await d.blockStatus(sectors(0), sectors(3072))).toEqual([
+      { startSector: 0, lengthSectors: 256, hole: true },
+      { startSector: 256, lengthSectors: 128, hole: false },
+      { startSector: 384, lengthSectors: 1664, hole: true },
+      { startSector: 2048, lengthSectors: 1024, hole: false },
+    ]);
+    expect(await d.blockStatus(sectors(300), sectors(10))).toEqual([{ startSector: 300, lengthSectors: 10, hole: false }]);
+    await e.close();
+  });
+
   test('error target fails reads, writes and discards; flush passes', async () => {
     const e = await engineWith();
     await e.create('err', { table: '0 100 error' });
