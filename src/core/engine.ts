@@ -40,6 +40,7 @@ export interface DeviceRecord {
   readonly live: string[] | null;
   readonly inactive: string[] | null;
   readonly suspended: boolean;
+  readonly hadTable?: boolean;
 }
 
 export interface DeviceInfo {
@@ -55,6 +56,8 @@ export interface DeviceInfo {
   readonly eventNr: number;
   readonly targetCount: number;
   readonly sizeSectors: number;
+  /** A table was loaded at some point (the kernel creates the disk, and its read-ahead, then). */
+  readonly hadTable: boolean;
 }
 
 export interface EngineOptions {
@@ -90,6 +93,8 @@ export class Engine {
   readonly backing = new BackingDevices();
   private readonly devices = new Map<string, MappedDevice>();
   private readonly order = new Map<string, number>();
+  /** Per-engine objects targets share (see TargetContext.shared). */
+  private readonly sharedObjects = new Map<string, unknown>();
   private nextOrder = 1;
   private opChain: Promise<unknown> = Promise.resolve();
   private closed = false;
@@ -161,6 +166,7 @@ export class Engine {
       eventNr: d.eventNr,
       targetCount: d.live ? d.live.targets.length : 0,
       sizeSectors: d.sizeSectors,
+      hadTable: d.hadTable,
     };
   }
 
@@ -184,6 +190,12 @@ export class Engine {
     return d.live ? d.live.targets.map((t) => t.type.name) : [];
   }
 
+  /** Target names used by the inactive table of a device. */
+  inactiveTargetNames(name: string): string[] {
+    const d = this.mustGet(name);
+    return d.inactive ? d.inactive.targets.map((t) => t.type.name) : [];
+  }
+
   // ---- operations ----------------------------------------------------------------------------------------
 
   /** dmsetup create: a new device, with its table loaded and resumed when one is given. */
@@ -204,6 +216,7 @@ export class Engine {
       let table: Table | undefined;
       if (options.table !== undefined) table = await this.buildTable(device, options.table, options.cwd);
       device.live = table;
+      device.hadTable = table !== undefined;
       this.attachObserver(device);
       this.devices.set(name, device);
       this.order.set(name, this.nextOrder++);
@@ -220,6 +233,7 @@ export class Engine {
       const table = await this.buildTable(device, tableText, options.cwd);
       const old = device.inactive;
       device.inactive = table;
+      device.hadTable = true;
       if (old) await old.destroy(this.hooksFor(device));
       await this.commit(device, { type: 'table.loaded', device: name, table: table.tableLines() });
     });
@@ -381,6 +395,7 @@ export class Engine {
       live: device.live ? device.live.tableLines() : null,
       inactive: device.inactive ? device.inactive.tableLines() : null,
       suspended: device.suspended,
+      hadTable: device.hadTable,
     };
   }
 
@@ -397,12 +412,19 @@ export class Engine {
 
   private hooksFor(device: MappedDevice, cwd?: string): TableBuildHooks {
     return {
-      makeContext: (beginSector, lengthSectors, opened) => this.makeContext(device, beginSector, lengthSectors, opened, cwd),
+      makeContext: (beginSector, lengthSectors, opened, limits) => this.makeContext(device, beginSector, lengthSectors, opened, limits, cwd),
       releaseDevice: (ref) => this.releaseDevice(ref),
     };
   }
 
-  private makeContext(device: MappedDevice, beginSector: number, lengthSectors: number, opened: DeviceRef[], cwd: string | undefined): TargetContext {
+  private makeContext(
+    device: MappedDevice,
+    beginSector: number,
+    lengthSectors: number,
+    opened: DeviceRef[],
+    limits: { maxIoSectors: number },
+    cwd: string | undefined,
+  ): TargetContext {
     return {
       mappedDeviceName: device.name,
       beginSector: beginSector as TargetContext['beginSector'],
@@ -414,6 +436,22 @@ export class Engine {
       },
       endBio: (bio: Bio, error?: unknown) => device.endHeld(bio, error),
       retryBio: (bio: Bio) => device.retryHeld(bio),
+      setMaxIoSectors: (sectors: number) => {
+        assert(Number.isSafeInteger(sectors) && sectors >= 0, 'setMaxIoSectors: bad value');
+        limits.maxIoSectors = sectors;
+      },
+      shared: <T>(key: string, create: () => T): T => {
+        let v = this.sharedObjects.get(key) as T | undefined;
+        if (v === undefined) {
+          v = create();
+          this.sharedObjects.set(key, v);
+        }
+        return v;
+      },
+      walFor: (cow: DeviceRef) => this.log.walFor(cow.label),
+      tableEvent: () => {
+        device.eventNr++;
+      },
       clock: this.clock,
       rng: this.rng,
       log: this.log,
@@ -508,6 +546,7 @@ export class Engine {
     const records = (await this.log.listRecords<DeviceRecord>('devices')).map(([, r]) => r).sort((a, b) => a.order - b.order);
     for (const r of records) {
       const d = new MappedDevice(r.name, r.minor, r.uuid, r.readOnly, this.log);
+      d.hadTable = r.hadTable ?? (r.live !== null || r.inactive !== null);
       this.attachObserver(d);
       this.devices.set(r.name, d);
       this.order.set(r.name, r.order);

@@ -30,6 +30,8 @@ export class MappedDevice extends BlockDevice {
   eventNr = 0;
   /** Tables and exports that use this device. */
   openCount = 0;
+  /** A table was loaded at some point (info prints Read Ahead only then, as the kernel does). */
+  hadTable = false;
   /** Bios between MAP and completion (held ones included): what suspend waits for. */
   private inFlight = 0;
   private queued: Bio[] = [];
@@ -175,8 +177,14 @@ export class MappedDevice extends BlockDevice {
       return;
     }
     const ti = table.findTargetIndex(bio.sector);
-    const end = table.targets[ti].endSector;
-    const tail = bio.sector + bio.lengthSectors > end ? this.splitAt(bio, end) : undefined;
+    const slot = table.targets[ti];
+    let end: number = slot.endSector;
+    if (slot.maxIoSectors !== 0) {
+      const m = slot.maxIoSectors;
+      const boundary = slot.beginSector + (Math.floor((bio.sector - slot.beginSector) / m) + 1) * m;
+      if (boundary < end) end = boundary;
+    }
+    const tail = bio.sector + bio.lengthSectors > end ? this.splitAt(bio, end as Sector) : undefined;
     this.mapBio(bio, ti);
     if (tail !== undefined) this.dispatch(tail);
   }

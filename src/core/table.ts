@@ -19,11 +19,13 @@ export interface TargetSlot {
   readonly endSector: Sector;
   /** Devices opened by this target, released after dtr. */
   readonly devices: DeviceRef[];
+  /** Bios are split at multiples of this from beginSector (0: no limit); see TargetContext.setMaxIoSectors. */
+  maxIoSectors: number;
 }
 
 export interface TableBuildHooks {
-  /** Creates the per-target context; `opened` collects devices the target opens. */
-  makeContext(beginSector: Sector, lengthSectors: Sector, opened: DeviceRef[]): TargetContext;
+  /** Creates the per-target context; `opened` collects devices the target opens; `limits` receives setMaxIoSectors. */
+  makeContext(beginSector: Sector, lengthSectors: Sector, opened: DeviceRef[], limits: { maxIoSectors: number }): TargetContext;
   /** Releases a device opened through a context. */
   releaseDevice(ref: DeviceRef): Promise<void>;
 }
@@ -51,7 +53,9 @@ export class Table {
           throw new DmError('DM_TABLE_INVALID', `${line.targetName}: Invalid argument count (got ${line.args.length}) in "${formatTableLine(line)}"`);
         }
         const devices: DeviceRef[] = [];
-        const ctx = hooks.makeContext(line.startSector, line.lengthSectors, devices);
+        // The slot is created before ctr so that setMaxIoSectors can reach it from ctr and later from resume.
+        const limits = { maxIoSectors: 0 };
+        const ctx = hooks.makeContext(line.startSector, line.lengthSectors, devices, limits);
         let instance: unknown;
         try {
           instance = await type.ctr(line.args, ctx);
@@ -59,15 +63,17 @@ export class Table {
           for (const d of devices.reverse()) await hooks.releaseDevice(d);
           throw err;
         }
-        slots.push({
-          type,
-          instance,
-          ctx,
-          beginSector: line.startSector,
-          lengthSectors: line.lengthSectors,
-          endSector: (line.startSector + line.lengthSectors) as Sector,
-          devices,
-        });
+        slots.push(
+          Object.assign(limits, {
+            type,
+            instance,
+            ctx,
+            beginSector: line.startSector,
+            lengthSectors: line.lengthSectors,
+            endSector: (line.startSector + line.lengthSectors) as Sector,
+            devices,
+          }),
+        );
       }
     } catch (err) {
       await Table.destroySlots(slots.reverse(), hooks);

@@ -8,6 +8,7 @@ import type { Clock } from './clock.js';
 import type { Rng } from './rng.js';
 import type { Bio, MapResult } from './bio.js';
 import type { EventLog } from '../log/event-log.js';
+import type { ExceptionWal } from '../stores/contract.js';
 
 /** A device a table line names: a file, or another mapped device. */
 export interface DeviceRef {
@@ -27,6 +28,17 @@ export interface TargetContext {
   endBio(bio: Bio, error?: unknown): void;
   /** Sends a held bio back through map(). */
   retryBio(bio: Bio): void;
+  /**
+   * Splits bios so none crosses a multiple of this many sectors from the target's start (Linux ti->max_io_len);
+   * 0 = no limit. Targets set it in ctr or resume (snapshot: its chunk size; origin: the smallest chunk size).
+   */
+  setMaxIoSectors(sectors: number): void;
+  /** A per-engine object shared by all targets under `key` (origin registry, kcopyd client, ...). */
+  shared<T>(key: string, create: () => T): T;
+  /** The write-ahead log of exception records for a COW device, in the pool's LevelDB. */
+  walFor(cow: DeviceRef): ExceptionWal;
+  /** Raises a table event on the mapped device (Linux dm_table_event: event_nr + 1, e.g. a snapshot became invalid). */
+  tableEvent(): void;
   readonly clock: Clock;
   readonly rng: Rng;
   readonly log: EventLog;

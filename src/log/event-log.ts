@@ -15,20 +15,24 @@ import { DmError } from '../core/errors.js';
 import { assert } from '../core/assert.js';
 import type { DmEvent, LoggedEvent } from './events.js';
 import { TRACE_EVENT_TYPES } from './events.js';
+import type { ExceptionWal } from '../stores/contract.js';
+import type { Chunk } from '../block/units.js';
 
 /** A LevelDB (or memory-level) database with string keys and JSON values. */
 // eslint-disable-next-line @typescript-eslint/no-explicit-any -- abstract-level's generics vary per implementation
 export type LevelDb = AbstractLevel<any, string, any>;
 
+export type SideTable = 'devices' | 'meta' | 'wal';
+
 export interface BatchPut {
   readonly type: 'put';
-  readonly sublevel: 'devices' | 'meta';
+  readonly sublevel: SideTable;
   readonly key: string;
   readonly value: unknown;
 }
 export interface BatchDel {
   readonly type: 'del';
-  readonly sublevel: 'devices' | 'meta';
+  readonly sublevel: SideTable;
   readonly key: string;
 }
 export type BatchOp = BatchPut | BatchDel;
@@ -69,7 +73,9 @@ export class EventLog {
   private closed = false;
   private idleWaiters: Array<() => void> = [];
   private readonly eventsDb: AbstractSublevel<LevelDb, unknown, string, unknown> | undefined;
-  private readonly subDbs: Record<'devices' | 'meta', AbstractSublevel<LevelDb, unknown, string, unknown>> | undefined;
+  private readonly subDbs: Record<SideTable, AbstractSublevel<LevelDb, unknown, string, unknown>> | undefined;
+  /** Without a database, WAL records live here (tests and in-memory engines). */
+  private readonly memoryWal = new Map<string, Map<number, { index: number; oldChunk: Chunk; newChunk: Chunk }>>();
 
   private constructor(private readonly db: LevelDb | undefined, private readonly clock: Clock) {
     if (db) {
@@ -77,6 +83,7 @@ export class EventLog {
       this.subDbs = {
         devices: db.sublevel<string, unknown>('devices', { valueEncoding: 'json' }),
         meta: db.sublevel<string, unknown>('meta', { valueEncoding: 'json' }),
+        wal: db.sublevel<string, unknown>('wal', { valueEncoding: 'json' }),
       };
     }
   }
@@ -171,16 +178,70 @@ export class EventLog {
   }
 
   /** Reads one record of a side table (devices, meta). */
-  async getRecord<T>(sublevel: 'devices' | 'meta', key: string): Promise<T | undefined> {
+  async getRecord<T>(sublevel: SideTable, key: string): Promise<T | undefined> {
     if (!this.subDbs) return undefined;
     return (await this.subDbs[sublevel].get(key)) as T | undefined;
   }
 
-  async listRecords<T>(sublevel: 'devices' | 'meta'): Promise<Array<[string, T]>> {
+  async listRecords<T>(sublevel: SideTable): Promise<Array<[string, T]>> {
     if (!this.subDbs) return [];
     const out: Array<[string, T]> = [];
     for await (const [k, v] of this.subDbs[sublevel].iterator()) out.push([k, v as T]);
     return out;
+  }
+
+  /**
+   * The write-ahead log of a COW device's exception records (keyed by the COW's label). Appends are durable
+   * events ('exception.committed') carrying the records as side-table writes, so they share the group commit.
+   */
+  walFor(cowKey: string): ExceptionWal {
+    const prefix = `${cowKey}\x00`;
+    const end = `${cowKey}\x01`;
+    const key = (index: number) => prefix + index.toString(16).padStart(12, '0');
+    const mem = (): Map<number, { index: number; oldChunk: Chunk; newChunk: Chunk }> => {
+      let m = this.memoryWal.get(cowKey);
+      if (!m) this.memoryWal.set(cowKey, (m = new Map()));
+      return m;
+    };
+    return {
+      append: async (records) => {
+        const event: DmEvent = {
+          type: 'exception.committed',
+          cow: cowKey,
+          count: records.length,
+          firstIndex: records.length ? records[0].index : 0,
+          chunks: records.map((r) => [r.oldChunk, r.newChunk]),
+        };
+        if (!this.subDbs) {
+          for (const r of records) mem().set(r.index, { ...r });
+          await this.append(event, { durable: true });
+          return;
+        }
+        await this.append(event, { durable: true, ops: records.map((r) => ({ type: 'put', sublevel: 'wal', key: key(r.index), value: r })) });
+      },
+      read: async () => {
+        if (!this.subDbs) return [...mem().values()].sort((a, b) => a.index - b.index);
+        const out: Array<{ index: number; oldChunk: Chunk; newChunk: Chunk }> = [];
+        for await (const v of this.subDbs.wal.values({ gte: prefix, lt: end })) out.push(v as { index: number; oldChunk: Chunk; newChunk: Chunk });
+        return out;
+      },
+      trim: async (beforeIndex) => {
+        if (!this.subDbs) {
+          for (const i of [...mem().keys()]) if (i < beforeIndex) mem().delete(i);
+          return;
+        }
+        await this.drain();
+        await this.subDbs.wal.clear({ gte: prefix, lt: key(beforeIndex) });
+      },
+      clear: async () => {
+        if (!this.subDbs) {
+          this.memoryWal.delete(cowKey);
+          return;
+        }
+        await this.drain();
+        await this.subDbs.wal.clear({ gte: prefix, lt: end });
+      },
+    };
   }
 
   /** Writes what is queued, then refuses further appends and completes events$. */

@@ -12,6 +12,11 @@ export type DmEvent =
   | { type: 'device.resumed'; device: string; table: string[]; swapped: boolean }
   | { type: 'device.removed'; device: string }
   | { type: 'mark'; device: string; name: string }
+  | { type: 'exception.prepared'; device: string; oldChunk: number; newChunk: number }
+  | { type: 'exception.committed'; cow: string; count: number; firstIndex: number; chunks: Array<[number, number]> }
+  | { type: 'snapshot.invalidated'; device: string; reason: string }
+  | { type: 'snapshot.overflowed'; device: string }
+  | { type: 'checkpoint.written'; device: string; cow: string; exceptions: number }
   | { type: 'engine.started'; devices: number }
   | { type: 'engine.stopped' }
   | {

@@ -132,16 +132,25 @@ async function dmsetup(argv: string[]): Promise<number> {
     process.stdout.write(USAGE);
     return 0;
   }
-  const command = parseDmsetupArgs(rest);
-  command.cwd = process.cwd();
-  if (command.tableFile !== undefined) {
-    const file = path.resolve(command.tableFile);
-    try {
-      command.table = fs.readFileSync(file, 'utf8');
-    } catch (err) {
-      throw new DmError('DM_INVALID_ARGUMENT', `cannot read table file ${file}: ${(err as NodeJS.ErrnoException).code}`);
+  let command: ReturnType<typeof parseDmsetupArgs>;
+  try {
+    command = parseDmsetupArgs(rest);
+    if (command.tableFile !== undefined) {
+      const file = path.resolve(command.tableFile);
+      try {
+        command.table = fs.readFileSync(file, 'utf8');
+      } catch (err) {
+        throw new DmError('DM_INVALID_ARGUMENT', `cannot read table file ${file}: ${(err as NodeJS.ErrnoException).code}`);
+      }
     }
-  } else if (command.tableFromStdin) {
+  } catch (err) {
+    // dmsetup exits 1 with "Command failed." for its usage errors too.
+    if (!isDmError(err)) throw err;
+    process.stderr.write(`dmstate: ${err.message}\nCommand failed.\n`);
+    return 1;
+  }
+  command.cwd = process.cwd();
+  if (command.tableFromStdin) {
     command.table = await readStdin();
   }
   const paths = poolPaths(pool);

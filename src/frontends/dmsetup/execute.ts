@@ -20,17 +20,19 @@ export interface DmsetupResult {
 export const DM_DRIVER_VERSION = '4.47.0';
 
 export async function executeDmsetup(engine: Engine, cmd: DmsetupCommand, dmstateVersion: string): Promise<DmsetupResult> {
-  let stdout = '';
+  // Output is kept when a later name fails, as dmsetup prints what it did before the failing device.
+  const out = { text: '' };
   try {
-    stdout = await run(engine, cmd, dmstateVersion);
-    return { stdout, stderr: '', exitCode: 0 };
+    const tail = await run(engine, cmd, dmstateVersion, out);
+    out.text += tail;
+    return { stdout: out.text, stderr: '', exitCode: 0 };
   } catch (err) {
     if (!isDmError(err)) throw err;
-    return { stdout, stderr: `${err.message}\nCommand failed.\n`, exitCode: 1, errorCode: err.code };
+    return { stdout: out.text, stderr: `${err.message}\nCommand failed.\n`, exitCode: 1, errorCode: err.code };
   }
 }
 
-async function run(engine: Engine, cmd: DmsetupCommand, dmstateVersion: string): Promise<string> {
+async function run(engine: Engine, cmd: DmsetupCommand, dmstateVersion: string, out: { text: string }): Promise<string> {
   const name = cmd.names[0];
   switch (cmd.command) {
     case 'create':
@@ -70,38 +72,51 @@ async function run(engine: Engine, cmd: DmsetupCommand, dmstateVersion: string):
       for (const n of cmd.names) engine.info(n);
       return '';
     case 'ls': {
-      const infos = selectNames(engine, cmd).map((n) => engine.info(n));
-      return formatLs(infos);
+      if (cmd.targetFilter === undefined) return formatLs(engine.names().map((n) => engine.info(n)), false);
+      const names = engine.names().filter((n) => engine.targetNames(n).includes(cmd.targetFilter!));
+      return formatLs(names.map((n) => engine.info(n)), true);
     }
     case 'info': {
-      const names = cmd.names.length ? cmd.names : selectNames(engine, cmd);
-      const infos = names.map((n) => engine.info(n));
-      if (cmd.columns) return names.length === 0 && !cmd.names.length ? 'No devices found\n' : formatInfoColumns(infos, cmd.noHeadings);
-      if (infos.length === 0) return 'No devices found\n';
-      return infos.map(formatInfo).join('');
+      // dmsetup ignores --target for info.
+      const names = cmd.names.length ? cmd.names : engine.names();
+      if (names.length === 0) return 'No devices found\n';
+      if (cmd.columns) {
+        const infos = [];
+        for (const n of names) {
+          try {
+            infos.push(engine.info(n));
+          } catch (err) {
+            out.text += formatInfoColumns(infos, cmd.noHeadings);
+            throw err;
+          }
+        }
+        return formatInfoColumns(infos, cmd.noHeadings);
+      }
+      for (const n of names) out.text += formatInfo(engine.info(n));
+      return '';
     }
     case 'status':
     case 'table': {
       const all = cmd.names.length === 0;
-      const names = all ? selectNames(engine, cmd) : cmd.names;
+      const names = all ? engine.names() : cmd.names;
       if (all && names.length === 0) return 'No devices found\n';
-      let out = '';
+      // dmsetup prefixes lines with the name unless exactly one device was named.
+      const prefixed = cmd.names.length !== 1;
       for (const n of names) {
         const lines = cmd.command === 'status' ? engine.status(n, cmd.inactive) : engine.table(n, cmd.inactive);
-        const targets = engine.targetNames(n);
+        const prefix = prefixed ? `${n}: ` : '';
+        if (lines.length === 0) {
+          // A device without a table in that slot still gets its (empty) line, except under --target.
+          if (cmd.targetFilter === undefined) out.text += `${prefix}\n`;
+          continue;
+        }
+        const targets = cmd.inactive ? engine.inactiveTargetNames(n) : engine.targetNames(n);
         for (let i = 0; i < lines.length; i++) {
-          if (cmd.targetFilter !== undefined && !cmd.inactive && targets[i] !== cmd.targetFilter) continue;
-          out += `${all ? n + ': ' : ''}${lines[i]}\n`;
+          if (cmd.targetFilter !== undefined && targets[i] !== cmd.targetFilter) continue;
+          out.text += `${prefix}${lines[i]}\n`;
         }
       }
-      return out;
+      return '';
     }
   }
-}
-
-/** All device names, or those whose live table uses the --target type. */
-function selectNames(engine: Engine, cmd: DmsetupCommand): string[] {
-  const names = engine.names();
-  if (cmd.targetFilter === undefined) return names;
-  return names.filter((n) => engine.targetNames(n).includes(cmd.targetFilter!));
 }

@@ -12,7 +12,8 @@ export function formatInfo(i: DeviceInfo): string {
   const lines = [
     `Name:              ${i.name}`,
     `State:             ${i.suspended ? 'SUSPENDED' : 'ACTIVE'}${i.readOnly ? ' (READ-ONLY)' : ''}`,
-    `Read Ahead:        256`,
+    // The kernel makes the disk (and so its read-ahead) at the first table load: none before that.
+    ...(i.hadTable ? [`Read Ahead:        256`] : []),
     `Tables present:    ${tables}`,
     `Open count:        ${i.openCount}`,
     `Event number:      ${i.eventNr}`,
@@ -30,6 +31,12 @@ export function formatStat(i: DeviceInfo): string {
 
 /** `dmsetup info -c` (columns Name Maj Min Stat Open Targ Event UUID). */
 export function formatInfoColumns(infos: readonly DeviceInfo[], noHeadings: boolean): string {
+  if (noHeadings) {
+    // Without headings dmsetup prints unaligned, colon-separated fields.
+    return infos
+      .map((i) => [i.name, i.major, i.minor, formatStat(i), i.openCount, i.targetCount, i.eventNr, i.uuid ?? ''].join(':') + '\n')
+      .join('');
+  }
   const nameWidth = Math.max(16, ...infos.map((i) => i.name.length));
   const uuidWidth = Math.max(32, ...infos.map((i) => (i.uuid ?? '').length));
   const row = (cols: string[]): string =>
@@ -44,15 +51,17 @@ export function formatInfoColumns(infos: readonly DeviceInfo[], noHeadings: bool
       cols[7].padEnd(uuidWidth),
     ].join(' ');
   const out: string[] = [];
-  if (!noHeadings) out.push(row(['Name', 'Maj', 'Min', 'Stat', 'Open', 'Targ', 'Event', 'UUID']).replace(/^(.*Targ) {2}Event/, '$1 Event '));
+  // The Event heading is left-aligned in its column, the values right-aligned.
+  out.push(row(['Name', 'Maj', 'Min', 'Stat', 'Open', 'Targ', 'Event', 'UUID']).replace(/^(.*Targ) {2}Event/, '$1 Event '));
   for (const i of infos) {
     out.push(row([i.name, String(i.major), String(i.minor), formatStat(i), String(i.openCount), String(i.targetCount), String(i.eventNr), i.uuid ?? '']));
   }
   return out.map((l) => l + '\n').join('');
 }
 
-/** `dmsetup ls` */
-export function formatLs(infos: readonly DeviceInfo[]): string {
+/** `dmsetup ls`; with --target dmsetup prints `(major, minor)` and nothing at all when no device matches. */
+export function formatLs(infos: readonly DeviceInfo[], targetFiltered: boolean): string {
+  if (targetFiltered) return infos.map((i) => `${i.name}\t(${i.major}, ${i.minor})\n`).join('');
   if (infos.length === 0) return 'No devices found\n';
   return infos.map((i) => `${i.name}\t(${i.major}:${i.minor})\n`).join('');
 }

@@ -1,0 +1,123 @@
+/**
+ * The exception store contract (Linux dm-exception-store.h): a method table per store type, found by name in a
+ * registry. A store owns the COW device's metadata: which origin chunk (old) is kept in which COW chunk (new).
+ * The snapshot target owns the in-core table (src/stores/exception-table.ts) and the copying; the store allocates
+ * COW chunks, makes commits durable, and answers merge questions.
+ *
+ * Durability rule (both stores that persist): when commitException's callback runs with success, the exception
+ * and the data it points at survive a crash (persistent: the data chunk was flushed before the record was made
+ * durable). Callbacks run in commit (allocation) order.
+ */
+import type { BlockDevice } from '../block/contract.js';
+import type { Chunk, Sector } from '../block/units.js';
+import { bytesToSectors, sectors } from '../block/units.js';
+
+export interface ExceptionStoreUsage {
+  readonly totalSectors: Sector;
+  readonly sectorsAllocated: Sector;
+  readonly metadataSectors: Sector;
+}
+
+/**
+ * Durable side log the persistent store writes its commits to before the COW areas (the pool's LevelDB).
+ * `index` is the record's position in the on-disk area sequence (area × exceptions-per-area + slot): consecutive
+ * and increasing in append order. Every method's promise resolves only once its effect is durable (trim and clear
+ * included: a merge rewrites slots a stale record would otherwise bring back).
+ */
+export interface ExceptionWal {
+  /** Makes `records` durable in one synced batch together with an event; resolves when synced. */
+  append(records: ReadonlyArray<{ index: number; oldChunk: Chunk; newChunk: Chunk }>): Promise<void>;
+  /** Every record kept (not trimmed or cleared), in index order (recovery). */
+  read(): Promise<Array<{ index: number; oldChunk: Chunk; newChunk: Chunk }>>;
+  /** Drops records with index < beforeIndex (after a checkpoint wrote them to the COW). */
+  trim(beforeIndex: number): Promise<void>;
+  /** Drops everything (the COW was reformatted or invalidated). */
+  clear(): Promise<void>;
+}
+
+export interface ExceptionStoreOptions {
+  readonly cow: BlockDevice;
+  /** From the table; 0 means the default (or the header's on a persistent COW). */
+  readonly chunkSizeSectors: Sector;
+  /** PO: a full COW reports Overflow instead of Invalid. */
+  readonly overflow: boolean;
+  /** Where a persistent store keeps its write-ahead log; none = commit to the COW areas directly. */
+  readonly wal?: ExceptionWal;
+  /** Write the COW areas after this many exceptions committed through the WAL (checkpoint). Default 4096. */
+  readonly checkpointExceptionsMax?: number;
+  /**
+   * Open without ever writing the COW (or the WAL): a persistent store refuses a COW with no header instead of
+   * formatting it, and prepareException always reports full. Default false.
+   */
+  readonly readOnly?: boolean;
+}
+
+export interface ReadMetadataResult {
+  /** false: the header says invalid (or an I/O error invalidated it); no exceptions were reported. */
+  readonly valid: boolean;
+  /** The chunk size in force (from the header when there is one). */
+  readonly chunkSizeSectors: Sector;
+}
+
+/** For merge: the newest committed exceptions. */
+export interface MergeRun {
+  /** Number of chunks in the linear run ending at the last committed exception (0: nothing left). */
+  readonly count: number;
+  readonly lastOldChunk: Chunk;
+  readonly lastNewChunk: Chunk;
+}
+
+export interface ExceptionStoreType<TStore = unknown> {
+  readonly name: string;
+  /** Opens the store. Throws DmError('DM_TABLE_INVALID', reason) for a corrupt/foreign header or bad chunk size; writes nothing then. */
+  create(options: ExceptionStoreOptions): Promise<TStore>;
+  /** Reads the metadata, calling onException for every committed exception (any order, duplicates impossible). */
+  readMetadata(store: TStore, onException: (oldChunk: Chunk, newChunk: Chunk) => void): Promise<ReadMetadataResult>;
+  /** Allocates the COW chunk for a new exception, or returns -1 when the COW is full. Synchronous. */
+  prepareException(store: TStore): Chunk | -1;
+  /**
+   * Commits an exception whose data has been copied into newChunk. `done(success)` runs once the commit is
+   * durable (batched with other commits), in allocation order.
+   */
+  commitException(store: TStore, oldChunk: Chunk, newChunk: Chunk, done: (success: boolean) => void): void;
+  usage(store: TStore): ExceptionStoreUsage;
+  /** Marks the store invalid on disk (header valid = 0); later commits fail. */
+  drop(store: TStore): Promise<void>;
+  /** Brings the on-disk metadata up to date (persistent: writes the COW areas from the WAL state). */
+  checkpoint?(store: TStore): Promise<void>;
+  /** Optional (persistent only): the linear run at the newest committed exception. */
+  prepareMerge?(store: TStore): MergeRun;
+  /**
+   * Optional (persistent only): forgets the newest n exceptions durably. For each, from the newest down, calls
+   * clearInCore(old, new) first (lock-step with the in-core table, seed 000); a false return aborts with an error.
+   */
+  commitMerge?(store: TStore, n: number, clearInCore: (oldChunk: Chunk, newChunk: Chunk) => boolean): Promise<void>;
+  /** Table status extras (`P 8` / `PO 8` / `N 8`). */
+  readonly tableCode: (store: TStore) => string;
+  close(store: TStore): Promise<void>;
+}
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any -- a registry holds stores of every instance type
+export type AnyExceptionStoreType = ExceptionStoreType<any>;
+
+/** The chunk size a table's 0 stands for, at least (DM_CHUNK_SIZE_DEFAULT_SECTORS, 16 KiB). */
+export const CHUNK_SIZE_DEFAULT_SECTORS = sectors(32);
+/** Linux refuses chunk sizes over INT_MAX >> SECTOR_SHIFT sectors ("Chunk size is too high"). */
+export const CHUNK_SIZE_SECTORS_MAX = sectors(0x7fffffff >> 9);
+
+/** Table chunk size 0: max(32 sectors, the COW's logical block size). */
+export const defaultChunkSizeSectors = (cow: BlockDevice): Sector =>
+  sectors(Math.max(CHUNK_SIZE_DEFAULT_SECTORS, bytesToSectors(cow.logicalBlockSizeBytes)));
+
+/**
+ * Linux dm_exception_store_set_chunk_size: a power of two, a multiple of the COW's logical block size, not too
+ * high. Returns the kernel's reason for a bad size, or undefined. (The origin's block size is the target's check.)
+ */
+export function validateChunkSize(chunkSizeSectors: number, cow: BlockDevice): string | undefined {
+  if (!Number.isSafeInteger(chunkSizeSectors) || chunkSizeSectors <= 0 || (chunkSizeSectors & (chunkSizeSectors - 1)) !== 0) {
+    return 'Chunk size is not a power of 2';
+  }
+  if (chunkSizeSectors % bytesToSectors(cow.logicalBlockSizeBytes) !== 0) return 'Chunk size is not a multiple of device blocksize';
+  if (chunkSizeSectors > CHUNK_SIZE_SECTORS_MAX) return 'Chunk size is too high';
+  return undefined;
+}
