@@ -38,6 +38,8 @@ export interface NbdConnectionStats {
 class ProtocolViolation extends Error {}
 
 const ZEROES_124 = Buffer.alloc(124);
+/** Reply bytes waiting in the socket beyond which no more requests are read (a client not reading its replies). */
+const REPLY_BYTES_QUEUED_MAX = 32 * 1024 * 1024;
 
 export class NbdConnection {
   private readonly queue = new ByteQueue();
@@ -50,6 +52,8 @@ export class NbdConnection {
   private paused = false;
   private disconnecting = false;
   private closed = false;
+  private waitingDrain = false;
+  private peerEnded = false;
   private transmission = false;
   /** Transmission parse state: a WRITE header waiting for its payload, or bytes of a rejected payload to skip. */
   private pendingWrite: { flags: number; cookie: Buffer; offset: number; length: number } | undefined;
@@ -69,6 +73,12 @@ export class NbdConnection {
       if (this.transmission) this.pump();
     });
     const end = (): void => this.teardown();
+    sock.on('end', () => {
+      if (!this.transmission) return this.destroy();
+      this.peerEnded = true;
+      this.pump();
+      this.finishIfDone();
+    });
     sock.on('close', end);
     sock.on('error', end);
     void this.handshake().catch(() => this.destroy());
@@ -336,6 +346,19 @@ export class NbdConnection {
         this.start(this.doWrite(w.cookie, w.offset, payload, w.flags), w.cookie);
         continue;
       }
+      if (this.sock.writableLength >= REPLY_BYTES_QUEUED_MAX) {
+        // The client is not reading its replies: stop reading requests until the socket drains.
+        if (!this.waitingDrain) {
+          this.waitingDrain = true;
+          this.sock.pause();
+          this.sock.once('drain', () => {
+            this.waitingDrain = false;
+            if (!this.paused) this.sock.resume();
+            this.pump();
+          });
+        }
+        return;
+      }
       if (this.inFlight >= P.REQUESTS_IN_FLIGHT_MAX) {
         if (!this.paused) {
           this.paused = true;
@@ -382,14 +405,14 @@ export class NbdConnection {
     };
     const allowed = allowedFlags[type];
     if (allowed === undefined) return refuse(P.EINVAL);
-    if ((flags & ~allowed) !== 0) return refuse(P.EINVAL);
+    if ((flags & ~(allowed | P.CMD_FLAG_FUA)) !== 0) return refuse(P.EINVAL);
     if ((flags & P.CMD_FLAG_DF) !== 0 && !this.structured) return refuse(P.EINVAL);
     const ranged = type === P.CMD_READ || type === P.CMD_WRITE || type === P.CMD_TRIM || type === P.CMD_WRITE_ZEROES || type === P.CMD_BLOCK_STATUS;
     if (ranged) {
       if (length > P.REQUEST_BYTES_MAX && type !== P.CMD_TRIM && type !== P.CMD_WRITE_ZEROES && type !== P.CMD_BLOCK_STATUS) {
         return refuse(type === P.CMD_WRITE ? P.EOVERFLOW : P.EINVAL);
       }
-      if (offset + length > sizeBytes) return refuse(type === P.CMD_WRITE ? P.ENOSPC : P.EINVAL);
+      if (offset + length > sizeBytes) return refuse(type === P.CMD_WRITE || type === P.CMD_WRITE_ZEROES ? P.ENOSPC : P.EINVAL);
       if (offset % P.BLOCK_SIZE_MIN_BYTES !== 0 || length % P.BLOCK_SIZE_MIN_BYTES !== 0) return refuse(P.EINVAL);
       if (length === 0) return refuse(P.EINVAL);
     }
@@ -427,16 +450,24 @@ export class NbdConnection {
       this.inFlight--;
       if (this.paused && this.inFlight < P.REQUESTS_IN_FLIGHT_MAX / 2) {
         this.paused = false;
-        this.sock.resume();
+        if (!this.waitingDrain) this.sock.resume();
         this.pump();
       }
-      if (this.disconnecting && this.inFlight === 0) this.sock.end();
+      this.finishIfDone();
     });
   }
 
   private disconnect(): void {
     this.disconnecting = true;
-    if (this.inFlight === 0) this.sock.end();
+    this.finishIfDone();
+  }
+
+  /** After DISC or the client's end of stream, once every reply is out: end our side and let go of the export. */
+  private finishIfDone(): void {
+    if ((this.disconnecting || this.peerEnded) && this.inFlight === 0 && !this.closed) {
+      this.sock.end();
+      this.teardown();
+    }
   }
 
   private async doRead(cookie: Buffer, offset: number, length: number): Promise<void> {

@@ -75,7 +75,7 @@ export class NbdServer {
   }
 
   private listen(bind: (srv: net.Server, cb: () => void) => void): Promise<net.Server> {
-    const srv = net.createServer({ noDelay: true }, (sock) => {
+    const srv = net.createServer({ noDelay: true, allowHalfOpen: true }, (sock) => {
       const c = new NbdConnection(sock, this.exports, (x) => this.connections.delete(x));
       this.connections.add(c);
     });
