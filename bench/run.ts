@@ -1,8 +1,12 @@
 /** `npm run bench`: every benchmark, one after the other, results printed as lines. Not a test. */
 import { benchLinearOverhead } from './linear-overhead.js';
+import { benchSnapshotCow } from './snapshot-cow.js';
 
 const only = process.argv[2];
-const benches: Array<[string, () => Promise<string>]> = [['linear-overhead', () => benchLinearOverhead()]];
+const benches: Array<[string, () => Promise<string>]> = [
+  ['linear-overhead', () => benchLinearOverhead()],
+  ['snapshot-cow', () => benchSnapshotCow()],
+];
 
 for (const [name, run] of benches) {
   if (only && only !== name) continue;

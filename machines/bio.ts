@@ -9,6 +9,9 @@
  *       v  |              |--ENDIO--> COMPLETED                  (the target finished it: zero, flush of nothing)
  *      QUEUED             `--KILL--> FAILED                      (error target, invalid snapshot, ...)
  *
+ *   HELD --ENDIO--> COMPLETED / HELD --KILL--> FAILED: the target did the I/O itself (a snapshot read served from
+ *   the origin, a whole-chunk write straight to the COW) and ends the bio.
+ *
  * QUEUED is where bios wait while their device is suspended: they are queued, not failed, and RESUME sends them
  * back to SUBMITTED to be mapped by the new live table. KILL from SUBMITTED/QUEUED fails bios of a removed device.
  */
@@ -35,7 +38,7 @@ export const bioMachine = setup({
     SUBMITTED: { on: { MAP: 'MAPPED', QUEUE: 'QUEUED', KILL: 'FAILED' } },
     QUEUED: { on: { RESUME: 'SUBMITTED', KILL: 'FAILED' } },
     MAPPED: { on: { REMAP: 'REMAPPED', HOLD: 'HELD', ENDIO: 'COMPLETED', KILL: 'FAILED' } },
-    HELD: { on: { RETRY: 'SUBMITTED', KILL: 'FAILED' } },
+    HELD: { on: { RETRY: 'SUBMITTED', ENDIO: 'COMPLETED', KILL: 'FAILED' } },
     REMAPPED: { on: { IO_DONE: 'COMPLETED', IO_ERROR: 'FAILED' } },
     COMPLETED: { type: 'final' },
     FAILED: { type: 'final' },

@@ -74,6 +74,8 @@ export interface EngineOptions {
    */
   readonly inspect?: (event: InspectionEvent) => void;
   readonly targets?: TargetRegistry;
+  /** Devices usable in tables under these labels, registered before the stored devices are restored. */
+  readonly backingDevices?: Readonly<Record<string, BlockDevice>>;
 }
 
 export interface CreateOptions {
@@ -114,6 +116,7 @@ export class Engine {
     const clock = options.clock ?? createSystemClock();
     const log = await EventLog.open(options.db, clock);
     const engine = new Engine(log, { ...options, clock });
+    for (const [label, device] of Object.entries(options.backingDevices ?? {})) engine.registerBackingDevice(label, device);
     await engine.restore();
     return engine;
   }

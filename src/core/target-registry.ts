@@ -3,6 +3,8 @@ import type { AnyTargetType } from './target-contract.js';
 import { linearTarget } from '../targets/linear.js';
 import { errorTarget } from '../targets/error.js';
 import { zeroTarget } from '../targets/zero.js';
+import { snapshotTarget } from '../targets/snapshot/snapshot.js';
+import { snapshotOriginTarget } from '../targets/snapshot/snapshot-origin.js';
 
 export class TargetRegistry {
   private readonly types = new Map<string, AnyTargetType>();
@@ -22,6 +24,6 @@ export class TargetRegistry {
 
 export function createDefaultTargetRegistry(): TargetRegistry {
   const r = new TargetRegistry();
-  for (const t of [linearTarget, errorTarget, zeroTarget]) r.register(t);
+  for (const t of [linearTarget, errorTarget, zeroTarget, snapshotOriginTarget, snapshotTarget]) r.register(t);
   return r;
 }

@@ -44,7 +44,7 @@ export type DmEvent =
 export type DmEventType = DmEvent['type'];
 
 /** Trace-level events: cheap to skip, never needed to rebuild state. */
-export const TRACE_EVENT_TYPES: ReadonlySet<DmEventType> = new Set<DmEventType>(['bio', 'kcopyd.job']);
+export const TRACE_EVENT_TYPES: ReadonlySet<DmEventType> = new Set<DmEventType>(['bio', 'kcopyd.job', 'exception.prepared']);
 
 /** An event as the log holds it: a sequence number (monotonic per pool) and the injected clock's time. */
 export type LoggedEvent = DmEvent & { readonly seq: number; readonly timeMs: number };

@@ -71,9 +71,13 @@ export interface ExceptionStoreType<TStore = unknown> {
   readonly name: string;
   /** Opens the store. Throws DmError('DM_TABLE_INVALID', reason) for a corrupt/foreign header or bad chunk size; writes nothing then. */
   create(options: ExceptionStoreOptions): Promise<TStore>;
-  /** Reads the metadata, calling onException for every committed exception (any order, duplicates impossible). */
+  /**
+   * Reads the metadata, calling onException for every committed exception (any order, duplicates impossible).
+   * Called once, before any other slot but close. A new persistent COW is formatted here. May refuse with
+   * DmError('DM_TABLE_INVALID') (a WAL that disagrees with the COW, a corrupt area), writing nothing then.
+   */
   readMetadata(store: TStore, onException: (oldChunk: Chunk, newChunk: Chunk) => void): Promise<ReadMetadataResult>;
-  /** Allocates the COW chunk for a new exception, or returns -1 when the COW is full. Synchronous. */
+  /** Allocates the COW chunk for a new exception, or returns -1 when the COW is full (or the store read-only). Synchronous. */
   prepareException(store: TStore): Chunk | -1;
   /**
    * Commits an exception whose data has been copied into newChunk. `done(success)` runs once the commit is
@@ -90,6 +94,8 @@ export interface ExceptionStoreType<TStore = unknown> {
   /**
    * Optional (persistent only): forgets the newest n exceptions durably. For each, from the newest down, calls
    * clearInCore(old, new) first (lock-step with the in-core table, seed 000); a false return aborts with an error.
+   * Precondition: no commit waiting. Rejects with DmError: DM_INVALID_ARGUMENT when clearInCore refused (nothing
+   * written), DM_IO when the area write failed (the merge must stop; a reload resumes from the COW).
    */
   commitMerge?(store: TStore, n: number, clearInCore: (oldChunk: Chunk, newChunk: Chunk) => boolean): Promise<void>;
   /** Table status extras (`P 8` / `PO 8` / `N 8`). */

@@ -1,0 +1,161 @@
+/**
+ * `snapshot <origin> <cow> <P|PO|N> <chunk_sectors>`: the origin as it was when the snapshot was taken, kept by
+ * copying chunks to the COW device before the origin overwrites them (Linux snapshot_target). Writable: a
+ * snapshot write makes its own exception.
+ */
+import type { Sector } from '../../block/units.js';
+import { MAP_HELD, MAP_KILL, MAP_REMAPPED, type Bio } from '../../core/bio.js';
+import { DmError } from '../../core/errors.js';
+import { parseUnsigned } from '../../core/parse-number.js';
+import type { TargetContext, TargetType } from '../../core/target-contract.js';
+import { findExceptionStoreType } from '../../stores/store-registry.js';
+import { originRegistry, snapshotKcopyd, snapshotStates } from './shared.js';
+import { SnapshotState } from './snapshot-state.js';
+
+export interface SnapshotInstance {
+  readonly state: SnapshotState;
+  readonly ctx: TargetContext;
+}
+
+/** Parses the arguments shared by snapshot and snapshot-merge and opens (or takes over) the snapshot state. */
+export async function snapshotCtr(targetName: string, args: readonly string[], ctx: TargetContext): Promise<SnapshotInstance> {
+  if (args.length > 4) {
+    throw new DmError('DM_TABLE_INVALID', `${targetName}: optional features (${args.slice(4).join(' ')}) are not supported`);
+  }
+  const [originSpec, cowSpec, mode, chunkText] = args;
+  const upper = mode.toUpperCase();
+  if (upper !== 'P' && upper !== 'PO' && upper !== 'N') {
+    throw new DmError('DM_TABLE_INVALID', `${targetName}: Couldn't create exception store: unknown type "${mode}" (P, PO or N)`);
+  }
+  if (targetName === 'snapshot-merge' && upper === 'N') {
+    throw new DmError('DM_TABLE_INVALID', 'snapshot-merge: the exception store must be persistent (P)');
+  }
+  const chunkSizeSectors = parseUnsigned(chunkText, `${targetName}: chunk size`);
+  const origin = await ctx.openDevice(originSpec);
+  const cow = await ctx.openDevice(cowSpec);
+  if (cow.device === origin.device) throw new DmError('DM_TABLE_INVALID', `${targetName}: COW device cannot be the same as origin device`);
+  if (ctx.lengthSectors > origin.device.sizeSectors) {
+    throw new DmError('DM_TABLE_INVALID', `${targetName}: ${origin.label} too small for target: len=${ctx.lengthSectors}, dev_size=${origin.device.sizeSectors}`);
+  }
+  const states = snapshotStates(ctx);
+  const existing = states.get(cow.device);
+  if (existing) {
+    // Handover: a new table for the same snapshot takes over its state.
+    if (existing.origin.device !== origin.device) {
+      throw new DmError('DM_TABLE_INVALID', `${targetName}: ${cow.label} is the COW of a snapshot of another origin`);
+    }
+    existing.refs++;
+    ctx.setMaxIoSectors(existing.chunkSizeSectors);
+    return { state: existing, ctx };
+  }
+  const storeType = findExceptionStoreType(upper);
+  const persistent = upper !== 'N';
+  const store = await storeType.create({
+    cow: cow.device,
+    chunkSizeSectors: chunkSizeSectors as Sector,
+    overflow: upper === 'PO',
+    wal: persistent ? ctx.walFor(cow) : undefined,
+  });
+  let state: SnapshotState;
+  try {
+    const table: Array<[number, number]> = [];
+    const meta = await storeType.readMetadata(store, (oldChunk, newChunk) => table.push([oldChunk, newChunk]));
+    state = new SnapshotState(
+      ctx.mappedDeviceName,
+      origin,
+      cow,
+      storeType,
+      store,
+      meta.chunkSizeSectors,
+      ctx.lengthSectors,
+      persistent,
+      upper === 'PO',
+      snapshotKcopyd(ctx),
+      ctx,
+    );
+    for (const [o, n] of table) state.table.insert(o as never, n as never);
+    state.valid = meta.valid;
+  } catch (err) {
+    await storeType.close(store);
+    throw err;
+  }
+  state.refs = 1;
+  states.set(cow.device, state);
+  originRegistry(ctx).registerSnapshot(state);
+  ctx.setMaxIoSectors(state.chunkSizeSectors);
+  return { state, ctx };
+}
+
+export async function snapshotDtr(inst: SnapshotInstance): Promise<void> {
+  const s = inst.state;
+  if (--s.refs > 0) return;
+  await s.drainPending();
+  originRegistry(inst.ctx).unregisterSnapshot(s);
+  snapshotStates(inst.ctx).delete(s.cow.device);
+  if (s.valid) await s.checkpoint();
+  await s.storeType.close(s.store);
+}
+
+function snapshotMap(inst: SnapshotInstance, bio: Bio, ctx: TargetContext): 0 | 1 | 3 {
+  const s = inst.state;
+  if (bio.op === 'flush') {
+    bio.remapDevice = s.cow.device;
+    return MAP_REMAPPED;
+  }
+  if (!s.valid) return MAP_KILL;
+  // Discards need the kernel's discard features, which are not supported: fail them as the kernel's
+  // snapshot target (no discard support) would.
+  if (bio.op === 'discard') return MAP_KILL;
+  const held = { bio, ctx };
+  if (bio.op === 'write' && s.throttle(held)) return MAP_HELD;
+  if (bio.op === 'write' && s.overflowed) return MAP_KILL;
+  const offset = bio.sector - ctx.beginSector;
+  const chunk = s.chunkOf(offset);
+  const e = s.table.lookup(chunk as never);
+  if (e >= 0) {
+    bio.remapDevice = s.cow.device;
+    bio.remapSector = (e * s.chunkSizeSectors + (offset % s.chunkSizeSectors)) as Sector;
+    return MAP_REMAPPED;
+  }
+  if (bio.op === 'read') {
+    s.readFromOrigin(held, chunk, offset);
+    return MAP_HELD;
+  }
+  let pe = s.pending.get(chunk);
+  if (!pe) {
+    pe = s.newPending(chunk);
+    if (!pe) {
+      if (s.overflowMode) s.overflow();
+      else s.invalidate('COW device full');
+      return MAP_KILL;
+    }
+  }
+  if (!pe.started && bio.lengthSectors === s.chunkSizeSectors) {
+    s.startFullBio(pe, held);
+    return MAP_HELD;
+  }
+  pe.snapshotBios.push(held);
+  if (!pe.started) s.startCopy(pe);
+  return MAP_HELD;
+}
+
+export const snapshotTarget: TargetType<SnapshotInstance> = Object.freeze({
+  name: 'snapshot',
+  version: [1, 16, 0] as const,
+  argCountMin: 4,
+  argCountMax: 7,
+  ctr: (args: readonly string[], ctx: TargetContext) => snapshotCtr('snapshot', args, ctx),
+  dtr: snapshotDtr,
+  map: snapshotMap,
+  async resume(inst: SnapshotInstance) {
+    inst.state.ctx = inst.ctx;
+    inst.state.deviceName = inst.ctx.mappedDeviceName;
+    inst.state.active = true;
+  },
+  async postsuspend(inst: SnapshotInstance) {
+    if (inst.state.valid) await inst.state.checkpoint();
+  },
+  status: (inst: SnapshotInstance) => inst.state.statusText(),
+  table: (inst: SnapshotInstance) => `${inst.state.origin.label} ${inst.state.cow.label} ${inst.state.storeType.tableCode(inst.state.store)}`,
+});
+
