@@ -5,6 +5,7 @@ import { errorTarget } from '../targets/error.js';
 import { zeroTarget } from '../targets/zero.js';
 import { snapshotTarget } from '../targets/snapshot/snapshot.js';
 import { snapshotOriginTarget } from '../targets/snapshot/snapshot-origin.js';
+import { snapshotMergeTarget } from '../targets/snapshot/snapshot-merge.js';
 
 export class TargetRegistry {
   private readonly types = new Map<string, AnyTargetType>();
@@ -24,6 +25,6 @@ export class TargetRegistry {
 
 export function createDefaultTargetRegistry(): TargetRegistry {
   const r = new TargetRegistry();
-  for (const t of [linearTarget, errorTarget, zeroTarget, snapshotOriginTarget, snapshotTarget]) r.register(t);
+  for (const t of [linearTarget, errorTarget, zeroTarget, snapshotOriginTarget, snapshotTarget, snapshotMergeTarget]) r.register(t);
   return r;
 }

@@ -17,6 +17,11 @@ export type DmEvent =
   | { type: 'snapshot.invalidated'; device: string; reason: string }
   | { type: 'snapshot.overflowed'; device: string }
   | { type: 'checkpoint.written'; device: string; cow: string; exceptions: number }
+  | { type: 'merge.state'; device: string; from: string; event: string; state: string; chunksLeft: number; chunksMerged: number }
+  | { type: 'merge.run.started'; device: string; firstOldChunk: number; firstNewChunk: number; chunks: number }
+  | { type: 'merge.run.committed'; device: string; chunks: number; chunksLeft: number }
+  | { type: 'merge.done'; device: string; chunksMerged: number }
+  | { type: 'merge.failed'; device: string; reason: string; chunksLeft: number }
   | { type: 'engine.started'; devices: number }
   | { type: 'engine.stopped' }
   | {

@@ -15,6 +15,7 @@ import { createSystemClock } from '../../core/clock.js';
 import { parseUnsigned } from '../../core/parse-number.js';
 import { DMSTATE_VERSION } from '../../version.js';
 import { runDemo } from './demo.js';
+import { runMerge } from './merge.js';
 import { parseListenAddress, type NbdListenAddress } from '../nbd/server.js';
 
 export const USAGE = `dmstate ${DMSTATE_VERSION}: the Linux device-mapper in userspace
@@ -29,6 +30,8 @@ usage:
         message NAME SECTOR MSG...  (message NAME 0 mark LABEL appends a named mark to the event log)
         targets   version   mknodes
   dmstate log     [--pool DIR] [--follow] [--since SEQ] [--json]   print the pool's event log
+  dmstate merge   [--pool DIR] NAME                      merge snapshot NAME into its origin (like lvconvert --merge),
+                  with progress; on a merging origin: watch it and finish
   dmstate demo    [--pool DIR]                           serve with a demo device (what npm start runs)
 
 The pool is --pool DIR, else $DMSTATE_POOL, else ./dmstate-data. Table device arguments are file paths,
@@ -71,6 +74,8 @@ export async function main(argv: string[]): Promise<number> {
         return await log(args);
       case 'demo':
         return await runDemo(extractPool(args).pool);
+      case 'merge':
+        return await merge(args);
       default:
         process.stderr.write(`dmstate: unknown command '${cmd}'\n\n${USAGE}`);
         return 2;
@@ -161,6 +166,18 @@ async function dmsetup(argv: string[]): Promise<number> {
     process.stdout.write(r.result.stdout);
     process.stderr.write(r.result.stderr);
     return r.result.exitCode;
+  } finally {
+    client.close();
+  }
+}
+
+async function merge(argv: string[]): Promise<number> {
+  const { pool, rest } = extractPool(argv);
+  if (rest.length !== 1) throw new DmError('DM_INVALID_ARGUMENT', 'usage: dmstate merge [--pool DIR] NAME');
+  const paths = poolPaths(pool);
+  const client = await ControlClient.connect(paths.controlSocket, paths.dir);
+  try {
+    return await runMerge(client, rest[0], process.cwd(), process.stderr, () => performance.now());
   } finally {
     client.close();
   }

@@ -54,6 +54,8 @@ export class SnapshotState {
   /** A snapshot-merge table runs on this state (no new exceptions are made in it). */
   merging = false;
   mergeFailed = false;
+  /** The merge driver when a snapshot-merge table uses this state (src/targets/snapshot/merger.ts). */
+  merger: unknown = undefined;
   readonly table = new ExceptionTable();
   readonly pending = new Map<number, PendingException>();
   /** Targets (snapshot tables) using this state. */

@@ -1,0 +1,53 @@
+/**
+ * The snapshot merge (Linux snapshot_merge_next_chunks / merge_callback): copies a snapshot's chunks back into its
+ * origin, newest linear run first, until the COW holds no exception.
+ *
+ *   IDLE --START--> PREPARE --RUN_FOUND--> COPY_OUT_OTHERS --OTHERS_READY--> INTERLOCK --WRITES_DRAINED--> COPYING
+ *                     |                      (other snapshots of the     (wait for in-flight writes
+ *                     `--NO_MORE--> DONE      origin copy their data out)  to the run's COW chunks)
+ *   COPYING --COPY_DONE--> FLUSHING --FLUSHED--> COMMITTING --COMMITTED--> PREPARE   (next run)
+ *   COPYING --COPY_ERROR--> FAILED, FLUSHING --FLUSH_ERROR--> FAILED, COMMITTING --COMMIT_ERROR--> FAILED
+ *   PREPARE --PREPARE_ERROR--> FAILED (invalid snapshot, a store read error)
+ *   STOP (suspend/remove) from PREPARE/COPY_OUT_OTHERS/INTERLOCK → STOPPED at once; from COPYING/FLUSHING/COMMITTING
+ *   the step in flight is finished first (its STOP is remembered by the driver, which sends STOP after COMMITTED).
+ *   STOPPED --START--> PREPARE (resume): a merge resumes from the newest exception left, as after a crash.
+ *
+ * COMMITTING clears the on-disk records and the in-core exceptions in lock-step (seed 000): a record on disk but
+ * not in memory, or a chunk from the middle of an in-core run, is COMMIT_ERROR and the merge fails ("Merge
+ * failed"), while I/O to the device goes on.
+ */
+import { setup } from 'xstate';
+
+export type MergeEvent =
+  | { type: 'START' }
+  | { type: 'RUN_FOUND' }
+  | { type: 'NO_MORE' }
+  | { type: 'PREPARE_ERROR' }
+  | { type: 'OTHERS_READY' }
+  | { type: 'WRITES_DRAINED' }
+  | { type: 'COPY_DONE' }
+  | { type: 'COPY_ERROR' }
+  | { type: 'FLUSHED' }
+  | { type: 'FLUSH_ERROR' }
+  | { type: 'COMMITTED' }
+  | { type: 'COMMIT_ERROR' }
+  | { type: 'STOP' };
+
+export const mergeMachine = setup({
+  types: { events: {} as MergeEvent },
+}).createMachine({
+  id: 'merge',
+  initial: 'IDLE',
+  states: {
+    IDLE: { on: { START: 'PREPARE', STOP: 'STOPPED' } },
+    PREPARE: { on: { RUN_FOUND: 'COPY_OUT_OTHERS', NO_MORE: 'DONE', PREPARE_ERROR: 'FAILED', STOP: 'STOPPED' } },
+    COPY_OUT_OTHERS: { on: { OTHERS_READY: 'INTERLOCK', STOP: 'STOPPED' } },
+    INTERLOCK: { on: { WRITES_DRAINED: 'COPYING', STOP: 'STOPPED' } },
+    COPYING: { on: { COPY_DONE: 'FLUSHING', COPY_ERROR: 'FAILED' } },
+    FLUSHING: { on: { FLUSHED: 'COMMITTING', FLUSH_ERROR: 'FAILED' } },
+    COMMITTING: { on: { COMMITTED: 'PREPARE', COMMIT_ERROR: 'FAILED' } },
+    STOPPED: { on: { START: 'PREPARE' } },
+    DONE: { type: 'final' },
+    FAILED: { type: 'final' },
+  },
+});
