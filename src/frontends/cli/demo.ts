@@ -22,6 +22,7 @@ export async function runDemo(poolDir: string): Promise<number> {
   const pool = path.relative(process.cwd(), daemon.paths.dir) || '.';
   process.stdout.write(`dmstate demo: daemon running on pool ${daemon.paths.dir}
   device 'demo': linear over ${file} (${DEMO_FILE_BYTES / 1024 / 1024} MiB)
+  NBD export:    nbd+unix:///demo?socket=${daemon.paths.nbdSocket}
 
 In another terminal, try:
   npx dmstate dmsetup --pool ${pool} ls
@@ -29,6 +30,7 @@ In another terminal, try:
   npx dmstate dmsetup --pool ${pool} create zeros --table "0 2048 zero"
   npx dmstate dmsetup --pool ${pool} message demo 0 mark hello
   npx dmstate log --pool ${pool}
+  qemu-io -f raw 'nbd+unix:///demo?socket=${daemon.paths.nbdSocket}' -c 'write -P 0xab 0 4k' -c 'read -P 0xab 0 4k'
 
 Ctrl-C stops the daemon cleanly; devices come back as they were on the next start.
 `);
