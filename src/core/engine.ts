@@ -569,7 +569,9 @@ export class Engine {
         try {
           if (r.live) d.live = await this.buildTable(d, r.live.join('\n'), undefined);
           if (r.inactive) d.inactive = await this.buildTable(d, r.inactive.join('\n'), undefined);
-          if (d.live && !r.suspended) await this.resumeTargets(d.live);
+          // A stored live table was resumed once; its targets resume now even when the device stays suspended
+          // (a suspended snapshot still gets its copy-outs, as in the kernel).
+          if (d.live) await this.resumeTargets(d.live);
         } catch (err) {
           failures.push(`${r.name}: ${(err as Error).message}`);
         }

@@ -656,11 +656,14 @@ function persistentUsage(store: PersistentStore): ExceptionStoreUsage {
   };
 }
 
-async function persistentDrop(store: PersistentStore): Promise<void> {
+function persistentDrop(store: PersistentStore): Promise<void> {
   store.valid = false;
-  if (store.readOnly) return;
-  await writeChunk(store, 0, encodeHeader(store.chunkSizeSectors, false), true);
-  if (store.wal) await store.wal.clear();
+  if (store.readOnly) return RESOLVED;
+  // On the job chain, so that close() (and so a remove) waits until the header says invalid.
+  return enqueue(store, async () => {
+    await writeChunk(store, 0, encodeHeader(store.chunkSizeSectors, false), true);
+    if (store.wal) await store.wal.clear();
+  });
 }
 
 async function persistentClose(store: PersistentStore): Promise<void> {
