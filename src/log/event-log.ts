@@ -52,6 +52,8 @@ interface Pending {
   reject(err: unknown): void;
 }
 
+type WalRecord = { index: number; oldChunk: Chunk; newChunk: Chunk };
+
 /** Sequence numbers as fixed-width hex so that LevelDB's byte order is numeric order. */
 export const seqKey = (seq: number): string => seq.toString(16).padStart(14, '0');
 
@@ -217,13 +219,15 @@ export class EventLog {
           await this.append(event, { durable: true });
           return;
         }
-        await this.append(event, { durable: true, ops: records.map((r) => ({ type: 'put', sublevel: 'wal', key: key(r.index), value: r })) });
+        // One side-table record per group (keyed by its first index): a group is contiguous in index order.
+        if (records.length === 0) return;
+        await this.append(event, { durable: true, ops: [{ type: 'put', sublevel: 'wal', key: key(records[0].index), value: records }] });
       },
       read: async () => {
         if (!this.subDbs) return [...mem().values()].sort((a, b) => a.index - b.index);
-        const out: Array<{ index: number; oldChunk: Chunk; newChunk: Chunk }> = [];
-        for await (const v of this.subDbs.wal.values({ gte: prefix, lt: end })) out.push(v as { index: number; oldChunk: Chunk; newChunk: Chunk });
-        return out;
+        const out: WalRecord[] = [];
+        for await (const v of this.subDbs.wal.values({ gte: prefix, lt: end })) out.push(...(v as WalRecord[]));
+        return out.sort((a, b) => a.index - b.index);
       },
       trim: async (beforeIndex) => {
         if (!this.subDbs) {
@@ -231,7 +235,15 @@ export class EventLog {
           return;
         }
         await this.drain();
-        await this.subDbs.wal.clear({ gte: prefix, lt: key(beforeIndex) });
+        // Groups wholly below beforeIndex go; a group straddling it keeps its tail under the tail's first index.
+        const batch = this.subDbs.wal.batch();
+        for await (const [k, v] of this.subDbs.wal.iterator({ gte: prefix, lt: key(beforeIndex) })) {
+          const group = v as WalRecord[];
+          batch.del(k);
+          const tail = group.filter((r) => r.index >= beforeIndex);
+          if (tail.length > 0) batch.put(key(tail[0].index), tail);
+        }
+        await batch.write({ sync: true });
       },
       clear: async () => {
         if (!this.subDbs) {
@@ -239,7 +251,9 @@ export class EventLog {
           return;
         }
         await this.drain();
-        await this.subDbs.wal.clear({ gte: prefix, lt: end });
+        const batch = this.subDbs.wal.batch();
+        for await (const k of this.subDbs.wal.keys({ gte: prefix, lt: end })) batch.del(k);
+        await batch.write({ sync: true });
       },
     };
   }

@@ -92,3 +92,27 @@ test('trace events reach events$ only when tracing is on, and are not persisted 
   expect(stored).toEqual(['mark']);
   await log.close();
 });
+
+test('the exception WAL keeps groups, reads them back in index order, trims and clears durably', async () => {
+  const log = await EventLog.open(new MemoryLevel() as unknown as LevelDb, new SimulatedClock());
+  const rec = (index: number) => ({ index, oldChunk: (100 + index) as never, newChunk: (2 + index) as never });
+  const wal = log.walFor('/cow/a.img');
+  const other = log.walFor('/cow/b.img');
+  await wal.append([rec(0), rec(1), rec(2)]);
+  await wal.append([rec(3), rec(4)]);
+  await other.append([rec(0)]);
+  expect((await wal.read()).map((r) => r.index)).toEqual([0, 1, 2, 3, 4]);
+  expect(await wal.read()).toContainEqual(rec(3));
+  await wal.trim(3); // at a group boundary
+  expect((await wal.read()).map((r) => r.index)).toEqual([3, 4]);
+  await wal.append([rec(5), rec(6), rec(7)]);
+  await wal.trim(6); // inside a group: its tail stays
+  expect((await wal.read()).map((r) => r.index)).toEqual([6, 7]);
+  await wal.clear();
+  expect(await wal.read()).toEqual([]);
+  expect((await other.read()).map((r) => r.index)).toEqual([0]);
+  const committed: string[] = [];
+  for await (const e of log.read()) if (e.type === 'exception.committed') committed.push(`${e.cow}:${e.firstIndex}+${e.count}`);
+  expect(committed).toEqual(['/cow/a.img:0+3', '/cow/a.img:3+2', '/cow/b.img:0+1', '/cow/a.img:5+3']);
+  await log.close();
+});
