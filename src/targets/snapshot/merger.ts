@@ -38,6 +38,8 @@ export interface MergeProgress {
 
 export class Merger {
   private stateIndex = MERGE_MACHINE.initialIndex;
+  /** Bumped at every transition: an asynchronous step checks it to know it still belongs to the current state. */
+  private epoch = 0;
   private stopRequested = false;
   private stopWaiters: Array<() => void> = [];
   /** The run being merged: [firstOldChunk, firstOldChunk + count). */
@@ -79,6 +81,7 @@ export class Merger {
   private send(type: MergeEvent['type']): void {
     const from = this.state;
     this.stateIndex = MERGE_MACHINE.step(this.stateIndex, MERGE_MACHINE.eventIndex(type));
+    this.epoch++;
     const to = this.state;
     void this.s.ctx.log
       .append({ type: 'merge.state', device: this.s.deviceName, from, event: type, state: to, chunksLeft: this.s.table.size, chunksMerged: this.chunksMerged })
@@ -232,9 +235,13 @@ export class Merger {
       if (originWrite(this.registry, this.kcopyd, this.s.origin.device, oldSector + n, undefined)) mustWait = true;
     }
     if (!mustWait) return this.send('OTHERS_READY');
-    // Wait for the copies just started (or already pending) to commit, then check again.
+    // Wait for the copies just started (or already pending) to commit, then check again — unless the merge was
+    // stopped (or moved on) meanwhile.
+    const epoch = this.epoch;
     const others = this.registry.snapshots(this.s.origin.device).filter((x) => x !== this.s);
-    void Promise.all(others.map((o) => o.drainPending())).then(() => this.copyOutOthers());
+    void Promise.all(others.map((o) => o.drainPending())).then(() => {
+      if (epoch === this.epoch) this.copyOutOthers();
+    });
   }
 
   private interlock(): void {
@@ -242,12 +249,20 @@ export class Merger {
     this.firstMergingChunk = firstOld;
     this.mergingChunks = this.run.count;
     if (!this.rangeHasCowWrites()) return this.send('WRITES_DRAINED');
-    this.cowWritesDrained = () => this.send('WRITES_DRAINED');
+    const epoch = this.epoch;
+    this.cowWritesDrained = () => {
+      if (epoch === this.epoch) this.send('WRITES_DRAINED');
+    };
   }
 
   private copy(): void {
     const s = this.s;
     const { oldSector, newSector, lengthSectors } = this.runRegion();
+    if (lengthSectors <= 0) {
+      // A record for a chunk past the end of the origin: the kernel's copy fails there too.
+      this.fail(`write error: exception for origin chunk ${this.run.lastOldChunk} lies past the end of the origin: shutting down merge`);
+      return this.send('COPY_ERROR');
+    }
     this.kcopyd.copy(
       { device: s.cow.device, sector: newSector as Sector, lengthSectors: lengthSectors as Sector },
       [{ device: s.origin.device, sector: oldSector as Sector, lengthSectors: lengthSectors as Sector }],

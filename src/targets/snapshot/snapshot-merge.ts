@@ -7,7 +7,7 @@
  * `dmsetup message NAME 0 merge-status` (a dmstate extension) prints the merge's state and progress.
  */
 import type { Sector } from '../../block/units.js';
-import { MAP_HELD, MAP_DONE, MAP_REMAPPED, type Bio } from '../../core/bio.js';
+import { MAP_HELD, MAP_DONE, MAP_KILL, MAP_REMAPPED, type Bio } from '../../core/bio.js';
 import { DmError } from '../../core/errors.js';
 import type { TargetContext, TargetType } from '../../core/target-contract.js';
 import { Merger } from './merger.js';
@@ -19,9 +19,10 @@ interface MergeInstance extends SnapshotInstance {
   readonly merger: Merger;
 }
 
-function mergeMap(inst: MergeInstance, bio: Bio, ctx: TargetContext): 0 | 1 | 2 {
+function mergeMap(inst: MergeInstance, bio: Bio, ctx: TargetContext): 0 | 1 | 2 | 3 {
   const s = inst.state;
   const m = inst.merger;
+  if (s.owner !== inst) return MAP_KILL; // handed over to a newer table
   if (bio.op === 'flush') {
     // The kernel sends one flush to the origin and one to the COW.
     Promise.all([s.origin.device.flush(), s.cow.device.flush()]).then(
@@ -92,7 +93,9 @@ export const snapshotMergeTarget: TargetType<MergeInstance> = Object.freeze({
     // The state may be shared with a live snapshot table (handover); it keeps one merger for its lifetime.
     const merger = (s.merger as Merger | undefined) ?? new Merger(s, originRegistry(ctx), snapshotKcopyd(ctx));
     s.merger = merger;
-    return { ...inst, merger };
+    const mergeInst: MergeInstance = { ...inst, merger };
+    if (s.owner === undefined) s.takeOwnership(mergeInst, mergeInst.generation);
+    return mergeInst;
   },
   async dtr(inst: MergeInstance) {
     await inst.merger.stop();
@@ -103,6 +106,8 @@ export const snapshotMergeTarget: TargetType<MergeInstance> = Object.freeze({
   map: mergeMap,
   async resume(inst: MergeInstance) {
     const s = inst.state;
+    s.takeOwnership(inst, inst.generation);
+    if (s.owner !== inst) return;
     s.ctx = inst.ctx;
     s.deviceName = inst.ctx.mappedDeviceName;
     s.active = true;
@@ -123,6 +128,6 @@ export const snapshotMergeTarget: TargetType<MergeInstance> = Object.freeze({
     }
     throw new DmError('DM_NOT_SUPPORTED', `snapshot-merge: unknown message "${args.join(' ')}" (try: merge-status)`);
   },
-  status: (inst: MergeInstance) => inst.state.statusText(),
+  status: (inst: MergeInstance) => (inst.state.owner === inst ? inst.state.statusText() : 'Invalid'),
   table: (inst: MergeInstance) => `${inst.state.origin.label} ${inst.state.cow.label} ${inst.state.storeType.tableCode(inst.state.store)}`,
 });

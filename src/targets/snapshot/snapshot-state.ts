@@ -54,6 +54,21 @@ export class SnapshotState {
   /** A snapshot-merge table runs on this state (no new exceptions are made in it). */
   merging = false;
   mergeFailed = false;
+  /**
+   * The target instance that owns this state now. A table that handed the state over to a newer one (a reload,
+   * or the origin's snapshot-merge table) is Invalid and refuses I/O, as the kernel's __handover_exceptions does.
+   */
+  owner: unknown = undefined;
+  /** Tables built on this state so far; a table takes ownership on resume only if no newer one has. */
+  generations = 0;
+  ownerGeneration = -1;
+
+  /** Makes `inst` (built as table number `generation`) the owner unless a newer table owns the state already. */
+  takeOwnership(inst: unknown, generation: number): void {
+    if (generation < this.ownerGeneration) return;
+    this.owner = inst;
+    this.ownerGeneration = generation;
+  }
   /** The merge driver when a snapshot-merge table uses this state (src/targets/snapshot/merger.ts). */
   merger: unknown = undefined;
   readonly table = new ExceptionTable();

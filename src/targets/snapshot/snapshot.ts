@@ -15,6 +15,8 @@ import { SnapshotState } from './snapshot-state.js';
 export interface SnapshotInstance {
   readonly state: SnapshotState;
   readonly ctx: TargetContext;
+  /** Order among the tables built on this state (handover: the newest resumed one owns it). */
+  readonly generation: number;
 }
 
 /** Parses the arguments shared by snapshot and snapshot-merge and opens (or takes over) the snapshot state. */
@@ -46,7 +48,7 @@ export async function snapshotCtr(targetName: string, args: readonly string[], c
     }
     existing.refs++;
     ctx.setMaxIoSectors(existing.chunkSizeSectors);
-    return { state: existing, ctx };
+    return { state: existing, ctx, generation: existing.generations++ };
   }
   const storeType = findExceptionStoreType(upper);
   const persistent = upper !== 'N';
@@ -81,9 +83,10 @@ export async function snapshotCtr(targetName: string, args: readonly string[], c
   }
   state.refs = 1;
   states.set(cow.device, state);
+  // owner is set by the caller to its instance object (see snapshotTarget.ctr).
   originRegistry(ctx).registerSnapshot(state);
   ctx.setMaxIoSectors(state.chunkSizeSectors);
-  return { state, ctx };
+  return { state, ctx, generation: state.generations++ };
 }
 
 export async function snapshotDtr(inst: SnapshotInstance): Promise<void> {
@@ -98,6 +101,7 @@ export async function snapshotDtr(inst: SnapshotInstance): Promise<void> {
 
 function snapshotMap(inst: SnapshotInstance, bio: Bio, ctx: TargetContext): 0 | 1 | 3 {
   const s = inst.state;
+  if (s.owner !== inst) return MAP_KILL; // handed over to a newer table
   if (bio.op === 'flush') {
     bio.remapDevice = s.cow.device;
     return MAP_REMAPPED;
@@ -144,10 +148,16 @@ export const snapshotTarget: TargetType<SnapshotInstance> = Object.freeze({
   version: [1, 16, 0] as const,
   argCountMin: 4,
   argCountMax: 7,
-  ctr: (args: readonly string[], ctx: TargetContext) => snapshotCtr('snapshot', args, ctx),
+  async ctr(args: readonly string[], ctx: TargetContext) {
+    const inst = await snapshotCtr('snapshot', args, ctx);
+    if (inst.state.owner === undefined) inst.state.takeOwnership(inst, inst.generation);
+    return inst;
+  },
   dtr: snapshotDtr,
   map: snapshotMap,
   async resume(inst: SnapshotInstance) {
+    inst.state.takeOwnership(inst, inst.generation);
+    if (inst.state.owner !== inst) return; // handed over: stays Invalid
     inst.state.ctx = inst.ctx;
     inst.state.deviceName = inst.ctx.mappedDeviceName;
     inst.state.active = true;
@@ -155,7 +165,7 @@ export const snapshotTarget: TargetType<SnapshotInstance> = Object.freeze({
   async postsuspend(inst: SnapshotInstance) {
     if (inst.state.valid) await inst.state.checkpoint();
   },
-  status: (inst: SnapshotInstance) => inst.state.statusText(),
+  status: (inst: SnapshotInstance) => (inst.state.owner === inst ? inst.state.statusText() : 'Invalid'),
   table: (inst: SnapshotInstance) => `${inst.state.origin.label} ${inst.state.cow.label} ${inst.state.storeType.tableCode(inst.state.store)}`,
 });
 
