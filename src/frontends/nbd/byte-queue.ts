@@ -1,6 +1,8 @@
 /**
  * Bytes received from a socket, taken off in pieces without copying when a piece lies in one chunk (the common
- * case for request headers and payloads that arrive whole).
+ * case for request headers and small payloads). A piece spread over chunks is gathered into one buffer: the
+ * caller's, when it has one to reuse (a 64 KiB payload after its 28-byte header always straddles two of Node's
+ * 64 KiB socket reads), else a new one.
  */
 export class ByteQueue {
   private chunks: Buffer[] = [];
@@ -27,8 +29,16 @@ export class ByteQueue {
     w?.reject(err);
   }
 
-  /** The next `bytes` bytes, or undefined if not all have arrived. */
-  tryTake(bytes: number): Buffer | undefined {
+  /** Whether the next `bytes` bytes have arrived and lie in one chunk, so that tryTake() will not copy them. */
+  inOneChunk(bytes: number): boolean {
+    return this.length >= bytes && (bytes === 0 || this.chunks[0].length - this.head >= bytes);
+  }
+
+  /**
+   * The next `bytes` bytes, or undefined if not all have arrived. If they span chunks they are copied into
+   * `gatherInto` (exactly `bytes` long) when given, else into a new buffer.
+   */
+  tryTake(bytes: number, gatherInto?: Buffer): Buffer | undefined {
     if (this.length < bytes) return undefined;
     this.length -= bytes;
     const first = this.chunks[0];
@@ -42,7 +52,7 @@ export class ByteQueue {
       }
       return out;
     }
-    const out = Buffer.allocUnsafe(bytes);
+    const out = gatherInto ?? Buffer.allocUnsafe(bytes);
     let filled = 0;
     while (filled < bytes) {
       const c = this.chunks[0];

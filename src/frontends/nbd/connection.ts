@@ -1,12 +1,17 @@
 /**
  * One NBD client connection: the fixed-newstyle handshake (async, a few messages), then transmission, where
  * requests are parsed synchronously as bytes arrive and run concurrently against the export's BlockDevice;
- * replies go out as each finishes (out of order, matched by cookie), header and payload in one socket write.
+ * replies go out as each finishes (out of order, matched by cookie), header and payload in one buffer, the
+ * replies of one event-loop turn together in one writev (see write()).
+ *
+ * Buffers handed to the device (gathered write payloads, read replies) are reused once the device's promise has
+ * settled: like a Linux bio's pages, a buffer is the device's only until the I/O completes.
  */
 import type * as net from 'node:net';
 import type { BlockDevice } from '../../block/contract.js';
-import { sectors, type Sector } from '../../block/units.js';
+import { KiB, MiB, sectors, type Sector } from '../../block/units.js';
 import { isDmError } from '../../core/errors.js';
+import { BufferPool } from './buffer-pool.js';
 import { ByteQueue } from './byte-queue.js';
 import * as P from './protocol.js';
 
@@ -39,10 +44,18 @@ class ProtocolViolation extends Error {}
 
 const ZEROES_124 = Buffer.alloc(124);
 /** Reply bytes waiting in the socket beyond which no more requests are read (a client not reading its replies). */
-const REPLY_BYTES_QUEUED_MAX = 32 * 1024 * 1024;
+const REPLY_BYTES_QUEUED_MAX = 32 * MiB;
+/**
+ * Read replies and gathered write payloads this large come from (and go back to) the connection's BufferPool;
+ * smaller ones come from Node's shared slab or a cheap malloc.
+ */
+const POOLED_BUFFER_BYTES_MIN = 16 * KiB;
+/** Idle buffers a connection keeps: enough for 16 requests of 1 MiB in flight. */
+const POOLED_IDLE_BYTES_MAX = 16 * MiB + 16 * 28;
 
 export class NbdConnection {
   private readonly queue = new ByteQueue();
+  private readonly buffers = new BufferPool(POOLED_IDLE_BYTES_MAX);
   private structured = false;
   private noZeroes = false;
   private metaContextBaseAllocation = false;
@@ -60,6 +73,8 @@ export class NbdConnection {
   private skipBytes = 0;
   private skipError: { cookie: Buffer; error: number } | undefined;
   private zeroBuffer: Buffer | undefined;
+  /** The socket is corked until the end of this loop turn (see write()). */
+  private corked = false;
   readonly stats: NbdConnectionStats = { requests: 0, errors: 0 };
 
   constructor(
@@ -84,9 +99,26 @@ export class NbdConnection {
     void this.handshake().catch(() => this.destroy());
   }
 
-  private write(buf: Buffer): void {
-    if (!this.closed && !this.sock.destroyed) this.sock.write(buf);
+  /**
+   * Queues `buf` on the socket, corked until the check phase of this loop turn: one poll phase reads what the
+   * socket holds (up to 32 reads of 64 KiB) and runs the requests in it, and their replies then leave in one
+   * writev instead of one write each. Each write wakes the client: a 20-byte reply write cost as much loop time
+   * as a 64 KiB pwrite, and batching cut the client's context switches per request by 4× at queue depth 16.
+   */
+  private write(buf: Buffer, sent?: () => void): void {
+    if (this.closed || this.sock.destroyed) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.sock.cork();
+      setImmediate(this.uncork);
+    }
+    this.sock.write(buf, sent);
   }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.sock.uncork();
+  };
 
   private destroy(): void {
     this.sock.destroy();
@@ -340,10 +372,11 @@ export class NbdConnection {
       }
       if (this.pendingWrite) {
         const w = this.pendingWrite;
-        const payload = this.queue.tryTake(w.length);
-        if (!payload) return;
+        if (this.queue.length < w.length) return;
         this.pendingWrite = undefined;
-        this.start(this.doWrite(w.cookie, w.offset, payload, w.flags), w.cookie);
+        const pooled = w.length >= POOLED_BUFFER_BYTES_MIN && !this.queue.inOneChunk(w.length);
+        const payload = this.queue.tryTake(w.length, pooled ? this.buffers.take(w.length) : undefined)!;
+        this.start(this.doWrite(w.cookie, w.offset, payload, w.flags, pooled), w.cookie);
         continue;
       }
       if (this.sock.writableLength >= REPLY_BYTES_QUEUED_MAX) {
@@ -471,31 +504,40 @@ export class NbdConnection {
   }
 
   private async doRead(cookie: Buffer, offset: number, length: number): Promise<void> {
-    const dev = this.export!.device;
+    // Structured: one OFFSET_DATA chunk with DONE, header (20) + offset (8); simple: header (16). Data in place.
+    const headerBytes = this.structured ? 28 : 16;
+    const pooled = length >= POOLED_BUFFER_BYTES_MIN;
+    const r = pooled ? this.buffers.take(headerBytes + length) : Buffer.allocUnsafe(headerBytes + length);
+    try {
+      await this.export!.device.read(sectors(offset / 512), r.subarray(headerBytes));
+    } catch (err) {
+      if (pooled) this.buffers.give(r);
+      throw err;
+    }
     if (this.structured) {
-      // One OFFSET_DATA chunk with DONE: header (20) + offset (8) + data, filled in place.
-      const r = Buffer.allocUnsafe(28 + length);
-      await dev.read(sectors(offset / 512), r.subarray(28));
       r.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
       r.writeUInt16BE(P.REPLY_FLAG_DONE, 4);
       r.writeUInt16BE(P.REPLY_TYPE_OFFSET_DATA, 6);
       cookie.copy(r, 8);
       r.writeUInt32BE(8 + length, 16);
       r.writeBigUInt64BE(BigInt(offset), 20);
-      this.write(r);
-      return;
+    } else {
+      r.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+      r.writeUInt32BE(0, 4);
+      cookie.copy(r, 8);
     }
-    const r = Buffer.allocUnsafe(16 + length);
-    await dev.read(sectors(offset / 512), r.subarray(16));
-    r.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
-    r.writeUInt32BE(0, 4);
-    cookie.copy(r, 8);
-    this.write(r);
+    if (pooled) this.write(r, () => this.buffers.give(r));
+    else this.write(r);
   }
 
-  private async doWrite(cookie: Buffer, offset: number, payload: Buffer, flags: number): Promise<void> {
+  /** `pooled`: the payload came from this.buffers, and goes back once the device is done with it. */
+  private async doWrite(cookie: Buffer, offset: number, payload: Buffer, flags: number, pooled: boolean): Promise<void> {
     const fua = (flags & P.CMD_FLAG_FUA) !== 0;
-    await this.export!.device.write(sectors(offset / 512), payload, fua ? { fua: true } : undefined);
+    try {
+      await this.export!.device.write(sectors(offset / 512), payload, fua ? { fua: true } : undefined);
+    } finally {
+      if (pooled) this.buffers.give(payload);
+    }
     this.replyOk(cookie);
   }
 
