@@ -33,7 +33,10 @@
  *                           --cache=writeback --aio=threads -k SOCK OV` started for the run;
  *    jobs 4 KiB randwrite at queue depth 1 and 16, the same fio settings and rounds; no targets, ratios only.
  *    Granularity differs: the dm-snapshot chunk is 4 KiB (`P 8`, as the issue asks), nbdkit's cow block and
- *    qcow2's cluster are 64 KiB (their defaults), so their first 4 KiB write to a block also copies 60 KiB.
+ *    qcow2's cluster are 64 KiB (their defaults). fio's random map writes each 4 KiB block once per pass, so every
+ *    dmstate write is a first write to its chunk (the COW's status after each run shows it), while a peer's first
+ *    4 KiB write to a 64 KiB block allocates it (copying 60 KiB) and the block's other 15 writes land in place:
+ *    within a few seconds most of the peers' writes are overwrites of allocated blocks.
  *
  * Options: --rounds N (3), --runtime S (5), --ramp S (1), --cpu-prof DIR (run the dmstate daemon under
  * `node --cpu-prof`; the profile is written to DIR when the daemon exits at the end), --only JOB (one job by name,
@@ -687,7 +690,9 @@ async function snapshotSection(b: Bench, jobs: readonly Job[]): Promise<void> {
   out(`  dmstate snapshot P/N: writes to \`snap\` = snapshot FILE COW P|N ${SNAPSHOT_CHUNK_SECTORS} (the base stays unchanged); ` +
       `dmstate origin (P): writes to \`base\` with one P ${SNAPSHOT_CHUNK_SECTORS} snapshot (copy-out + durable commit per first write)`);
   out('  nbdkit --filter=cow file FILE (64 KiB cow blocks); qemu-img create -f qcow2 -b FILE -F raw + qemu-nbd -f qcow2 -t -e 4 ' +
-      '--cache=writeback --aio=threads (64 KiB clusters); both started per run; dm-snapshot chunks are 4 KiB');
+      '--cache=writeback --aio=threads (64 KiB clusters); both started per run');
+  out('  granularity differs: dm-snapshot chunks are 4 KiB, so with fio\'s random map (each 4 KiB block once per pass) every ' +
+      'dmstate write is a first write; the peers allocate a 64 KiB block on its first 4 KiB write and take the other 15 in place');
   out('  durability differs: a P write to a new chunk completes after its exception is durable (fdatasync of the COW, then a synced ' +
       'LevelDB batch, grouped over the writes waiting), as the kernel flushes each commit of its persistent store; N keeps ' +
       'exceptions in memory, like nbdkit cow (not persistent at all); qemu-nbd (cache=writeback) keeps qcow2 metadata in its ' +
