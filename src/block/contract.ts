@@ -5,6 +5,11 @@
  *
  * Public methods are not `async`: on the hot path they return the implementation's promise directly, saving an
  * extra promise per bio. Validation failures come back as rejected promises with a DmError code.
+ *
+ * Buffer ownership: the `buf` given to read() or write() belongs to the device until the returned promise settles.
+ * The caller must not change a write's buffer, nor read a read's buffer, before then; the device must not keep a
+ * reference after it (a write that caches data, like the faulty device's volatile cache, copies it). No copy is
+ * made on the hot path: NBD payloads, kcopyd pieces and bio buffers are handed down as they are.
  */
 import { DmError } from '../core/errors.js';
 import type { Bytes, Sector } from './units.js';
