@@ -1,20 +1,26 @@
 /**
  * The snapshot merge (Linux snapshot_merge_next_chunks / merge_callback): copies a snapshot's chunks back into its
- * origin, newest linear run first, until the COW holds no exception.
+ * origin, newest linear run first, until the COW holds no exception. One pass PREPARE → COMMITTING merges a BATCH of
+ * runs (src/targets/snapshot/merger.ts: the first batch after a start is one run, as the kernel's step; later ones
+ * take more, up to 64 MiB).
  *
  *   IDLE --START--> PREPARE --RUN_FOUND--> COPY_OUT_OTHERS --OTHERS_READY--> INTERLOCK --WRITES_DRAINED--> COPYING
  *                     |                      (other snapshots of the     (wait for in-flight writes
- *                     `--NO_MORE--> DONE      origin copy their data out)  to the run's COW chunks)
- *   COPYING --COPY_DONE--> FLUSHING --FLUSHED--> COMMITTING --COMMITTED--> PREPARE   (next run)
+ *                     `--NO_MORE--> DONE      origin copy their data out)  to the batch's COW chunks)
+ *   COPYING --COPY_DONE--> FLUSHING --FLUSHED--> COMMITTING --COMMITTED--> PREPARE   (next batch)
  *   COPYING --COPY_ERROR--> FAILED, FLUSHING --FLUSH_ERROR--> FAILED, COMMITTING --COMMIT_ERROR--> FAILED
- *   PREPARE --PREPARE_ERROR--> FAILED (invalid snapshot, a store read error)
+ *   PREPARE --PREPARE_ERROR--> FAILED (invalid snapshot, a store read error, the previous batch's commit failed)
  *   STOP (suspend/remove) from PREPARE/COPY_OUT_OTHERS/INTERLOCK → STOPPED at once; from COPYING/FLUSHING/COMMITTING
- *   the step in flight is finished first (its STOP is remembered by the driver, which sends STOP after COMMITTED).
+ *   the step in flight is finished first (its STOP is remembered by the driver, which sends STOP after COMMITTED);
+ *   either way the driver's stop() resolves once the last commit is durable too.
  *   STOPPED --START--> PREPARE (resume): a merge resumes from the newest exception left, as after a crash.
  *
  * COMMITTING clears the on-disk records and the in-core exceptions in lock-step (seed 000): a record on disk but
  * not in memory, or a chunk from the middle of an in-core run, is COMMIT_ERROR and the merge fails ("Merge
- * failed"), while I/O to the device goes on.
+ * failed"), while I/O to the device goes on. COMMITTED means cleared, with the metadata area writes queued: they
+ * become durable while the next batch runs (the batch's write interlock holds until then), and DONE waits for the
+ * last of them. A failed area write fails the merge at the next PREPARE (PREPARE_ERROR) or COMMITTING
+ * (COMMIT_ERROR).
  */
 import { setup } from 'xstate';
 

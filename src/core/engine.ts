@@ -13,7 +13,7 @@ import { BIO_MACHINE, type Bio } from './bio.js';
 import { createSystemClock, type Clock } from './clock.js';
 import { assert } from './assert.js';
 import { DmError } from './errors.js';
-import { MappedDevice } from './mapped-device.js';
+import { MappedDevice, type BioObserver } from './mapped-device.js';
 import { createRng, type Rng } from './rng.js';
 import { Table, type TableBuildHooks } from './table.js';
 import { parseTable } from './table-parser.js';
@@ -21,12 +21,19 @@ import type { DeviceRef, TargetContext } from './target-contract.js';
 import { createDefaultTargetRegistry, type TargetRegistry } from './target-registry.js';
 import { EventLog, type BatchOp, type LevelDb } from '../log/event-log.js';
 import type { DmEvent } from '../log/events.js';
+import type { PoolState } from '../replay/pool-state.js';
+import { livePoolState, SNAPSHOT_STATES_KEY } from '../replay/live-state.js';
+import { stateDigest } from '../replay/digest.js';
+import type { SnapshotState } from '../targets/snapshot/snapshot-state.js';
+import { LiveInspector, combineBioObservers } from '../inspect/live-inspector.js';
 
 /** Linux's dynamic major for device-mapper; minors are handed out lowest-free like the kernel does. */
 export const DM_MAJOR = 253;
 /** The kernel limits names to 127 bytes (DM_NAME_LEN - 1). */
 export const DEVICE_NAME_LENGTH_MAX = 127;
 export const DEVICES_MAX = 1 << 20;
+/** How often the event log stores the pool's state (events), so that replay starts near its target. */
+export const STATE_SNAPSHOT_EVENTS_DEFAULT = 100_000;
 
 /** What the pool stores per device; enough to rebuild it. */
 export interface DeviceRecord {
@@ -76,6 +83,8 @@ export interface EngineOptions {
   readonly targets?: TargetRegistry;
   /** Devices usable in tables under these labels, registered before the stored devices are restored. */
   readonly backingDevices?: Readonly<Record<string, BlockDevice>>;
+  /** The event log stores the pool's state every this many events, for fast replay (default 100000; 0: never). */
+  readonly stateSnapshotEvents?: number;
 }
 
 export interface CreateOptions {
@@ -101,6 +110,10 @@ export class Engine {
   private opChain: Promise<unknown> = Promise.resolve();
   private closed = false;
   private readonly inspect: ((event: InspectionEvent) => void) | undefined;
+  /** The xstate checker of each device (the `inspect` option), combined with the live inspector's observer. */
+  private readonly xstateCheckers = new WeakMap<MappedDevice, BioObserver>();
+  /** Live inspection (src/inspect/live-inspector.ts): off until someone watches. */
+  readonly inspector: LiveInspector;
 
   private constructor(log: EventLog, options: EngineOptions) {
     this.log = log;
@@ -109,12 +122,19 @@ export class Engine {
     this.targets = options.targets ?? createDefaultTargetRegistry();
     this.inspect = options.inspect;
     log.traceEnabled = options.trace === true;
+    this.inspector = new LiveInspector({
+      clock: this.clock,
+      events$: log.events$,
+      onBioWatchChange: () => {
+        for (const d of this.devices.values()) this.refreshBioObserver(d);
+      },
+    });
   }
 
   /** Opens an engine over a pool database, restoring its devices. */
   static async open(options: EngineOptions = {}): Promise<Engine> {
     const clock = options.clock ?? createSystemClock();
-    const log = await EventLog.open(options.db, clock);
+    const log = await EventLog.open(options.db, clock, { stateSnapshotEvents: options.stateSnapshotEvents ?? STATE_SNAPSHOT_EVENTS_DEFAULT });
     const engine = new Engine(log, { ...options, clock });
     for (const [label, device] of Object.entries(options.backingDevices ?? {})) engine.registerBackingDevice(label, device);
     await engine.restore();
@@ -147,6 +167,18 @@ export class Engine {
     const d = this.devices.get(name);
     if (!d) throw new DmError('DM_NO_SUCH_DEVICE', `${name}: Device does not exist`);
     return d;
+  }
+
+  /** The pool's state as this engine holds it (devices, tables, persistent snapshots' exceptions): src/replay/live-state.ts. */
+  poolState(): PoolState {
+    const devices = [...this.devices.values()].sort((a, b) => (this.order.get(a.name) ?? 0) - (this.order.get(b.name) ?? 0));
+    const snapshotStates = this.sharedObjects.get(SNAPSHOT_STATES_KEY) as ReadonlyMap<unknown, SnapshotState> | undefined;
+    return livePoolState({ devices, snapshotStates, lastSeq: this.log.lastSeq });
+  }
+
+  /** The digest of poolState(); equals `dmstate replay`'s digest of the log when the log is complete. */
+  stateDigest(): string {
+    return stateDigest(this.poolState());
   }
 
   /** Device names, sorted. */
@@ -335,7 +367,10 @@ export class Engine {
       if (args[0] === 'mark') {
         if (args.length !== 2) throw new DmError('DM_INVALID_ARGUMENT', 'message: usage: mark <name>');
         await this.log.append({ type: 'mark', device: name, name: args[1] }, { durable: true });
-        return '';
+        // A target that logs marks itself (log-writes) gets them too, as in the kernel.
+        const inRange = device.live !== undefined && Number.isSafeInteger(sector) && sector >= 0 && sector < device.live.sizeSectors;
+        const slot = inRange ? device.live!.targets[device.live!.findTargetIndex(sector)] : undefined;
+        return slot?.type.takesMarks && slot.type.message ? slot.type.message(slot.instance, args) : '';
       }
       if (!device.live) throw new DmError('DM_NO_TABLE', `${name}: device has no live table`);
       if (!Number.isSafeInteger(sector) || sector < 0 || sector >= device.live.sizeSectors) {
@@ -377,6 +412,7 @@ export class Engine {
       this.closed = true;
     });
     await this.log.close();
+    this.inspector.close();
   }
 
   // ---- internals -----------------------------------------------------------------------------------------
@@ -448,6 +484,7 @@ export class Engine {
         if (v === undefined) {
           v = create();
           this.sharedObjects.set(key, v);
+          this.inspector.adopt(v);
         }
         return v;
       },
@@ -526,8 +563,14 @@ export class Engine {
     for (const t of table.targets) if (t.type.resume) await t.type.resume(t.instance);
   }
 
+  /** The device's bio observer: the xstate checker and/or the live inspector's; undefined when neither is on. */
+  private refreshBioObserver(device: MappedDevice): void {
+    device.bioObserver = combineBioObservers(this.xstateCheckers.get(device), this.inspector.bioObserverFor(device.name));
+  }
+
   /** Inspection mode: a full xstate actor per bio, checked against the compiled form at every step. */
   private attachObserver(device: MappedDevice): void {
+    this.refreshBioObserver(device);
     const inspect = this.inspect;
     if (!inspect) return;
     const actors = new WeakMap<Bio, Actor<typeof bioMachine>>();
@@ -543,6 +586,8 @@ export class Engine {
       const value = actor.getSnapshot().value;
       assert(value === bio.stateName, `inspection: xstate bio is in ${String(value)}, compiled bio in ${bio.stateName}`);
     };
+    this.xstateCheckers.set(device, device.bioObserver);
+    this.refreshBioObserver(device);
   }
 
   private async restore(): Promise<void> {
@@ -572,6 +617,9 @@ export class Engine {
           // A stored live table was resumed once; its targets resume now even when the device stays suspended
           // (a suspended snapshot still gets its copy-outs, as in the kernel).
           if (d.live) await this.resumeTargets(d.live);
+          // ... and a suspended device's targets then see the suspend again (a snapshot-merge stops merging, as a
+          // suspended merging origin does in the kernel, until the device resumes).
+          if (d.live && r.suspended) for (const t of d.live.targets) if (t.type.postsuspend) await t.type.postsuspend(t.instance);
         } catch (err) {
           failures.push(`${r.name}: ${(err as Error).message}`);
         }

@@ -70,6 +70,8 @@ export interface TargetType<TInstance = unknown> {
   table(instance: TInstance): string;
   /** Handles `dmsetup message`; returns text to print (may be ''). */
   message?(instance: TInstance, args: readonly string[]): Promise<string>;
+  /** `message DEV SECTOR mark NAME` reaches message() too, besides the event log's mark (log-writes logs marks). */
+  readonly takesMarks?: boolean;
   /** Called after the device's in-flight I/O drained on suspend. */
   postsuspend?(instance: TInstance): Promise<void>;
   /** Called when the table becomes (or stays) live on resume. */

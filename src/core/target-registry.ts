@@ -6,6 +6,8 @@ import { zeroTarget } from '../targets/zero.js';
 import { snapshotTarget } from '../targets/snapshot/snapshot.js';
 import { snapshotOriginTarget } from '../targets/snapshot/snapshot-origin.js';
 import { snapshotMergeTarget } from '../targets/snapshot/snapshot-merge.js';
+import { mirrorTarget } from '../targets/mirror/mirror.js';
+import { logWritesTarget } from '../targets/log-writes/log-writes.js';
 
 export class TargetRegistry {
   private readonly types = new Map<string, AnyTargetType>();
@@ -25,6 +27,6 @@ export class TargetRegistry {
 
 export function createDefaultTargetRegistry(): TargetRegistry {
   const r = new TargetRegistry();
-  for (const t of [linearTarget, errorTarget, zeroTarget, snapshotOriginTarget, snapshotTarget, snapshotMergeTarget]) r.register(t);
+  for (const t of [linearTarget, errorTarget, zeroTarget, snapshotOriginTarget, snapshotTarget, snapshotMergeTarget, logWritesTarget, mirrorTarget]) r.register(t);
   return r;
 }

@@ -7,7 +7,8 @@ import * as net from 'node:net';
 import { Engine, type EngineOptions } from '../core/engine.js';
 import { DmError, isDmError } from '../core/errors.js';
 import type { LevelDb } from '../log/event-log.js';
-import { CONTROL_LINE_BYTES_MAX, type ControlRequest, type ControlResponse } from './control-protocol.js';
+import { CONTROL_LINE_BYTES_MAX, INSPECT_BACKLOG_BYTES_MAX, type ControlRequest, type ControlResponse } from './control-protocol.js';
+import { normalizeInspectFilter, type InspectActorKind } from '../inspect/live-inspector.js';
 import { executeDmsetup } from './dmsetup/execute.js';
 import { openPoolDb, poolPaths, type PoolPaths } from './pool.js';
 import { DMSTATE_VERSION } from '../version.js';
@@ -96,7 +97,7 @@ export class Daemon {
           send({ id: 0, op: 'error', code: 'DM_INVALID_ARGUMENT', message: 'malformed request (not JSON)' });
           continue;
         }
-        void this.handle(req, send, subscriptions).catch((err: unknown) => {
+        void this.handle(req, send, subscriptions, sock).catch((err: unknown) => {
           send({ id: req.id ?? 0, op: 'error', code: isDmError(err) ? err.code : 'DM_INTERNAL', message: (err as Error).message });
         });
       }
@@ -109,7 +110,7 @@ export class Daemon {
     sock.on('error', cleanup);
   }
 
-  private async handle(req: ControlRequest, send: (r: ControlResponse) => void, subs: Array<{ unsubscribe(): void }>): Promise<void> {
+  private async handle(req: ControlRequest, send: (r: ControlResponse) => void, subs: Array<{ unsubscribe(): void }>, sock: net.Socket): Promise<void> {
     switch (req.op) {
       case 'ping':
         send({ id: req.id, op: 'pong', pid: process.pid, pool: this.paths.dir });
@@ -149,6 +150,20 @@ export class Daemon {
           }
         }
         if (!req.follow) send({ id: req.id, op: 'end' });
+        return;
+      }
+      case 'inspect': {
+        const filter = normalizeInspectFilter({ devices: req.devices, kinds: req.kinds as InspectActorKind[] | undefined, maxEventsPerSecond: req.maxEventsPerSecond });
+        if (sock.destroyed) return;
+        const names = new Set(this.engine.names());
+        send({ id: req.id, op: 'inspect.started', ...filter, devices: [...filter.devices], kinds: [...filter.kinds], missingDevices: filter.devices.filter((d) => !names.has(d)) });
+        // A watcher that does not read fills the socket: past the limit its records are dropped and counted.
+        subs.push(
+          this.engine.inspector.subscribe(filter, (record) => {
+            if (sock.destroyed || sock.writableLength > INSPECT_BACKLOG_BYTES_MAX) return false;
+            send({ id: req.id, op: 'inspection', record });
+          }),
+        );
         return;
       }
       default:

@@ -33,6 +33,16 @@ export interface ExceptionWal {
   trim(beforeIndex: number): Promise<void>;
   /** Drops everything (the COW was reformatted or invalidated). */
   clear(): Promise<void>;
+  /**
+   * Records that a merge cleared the newest `count` records (called once the metadata area write that cleared them
+   * succeeded; the pool's event log rebuilds the COW's state from it). Optional.
+   */
+  merged?(count: number): Promise<void>;
+  /**
+   * Set in a pool written by `dmstate replay --into` (read-only): read() is the COW's complete exception list as of
+   * the replayed point, to be used instead of the COW's own metadata, and nothing may be written.
+   */
+  readonly pinned?: { readonly valid: boolean; readonly overflowed: boolean; readonly chunkSizeSectors: number };
 }
 
 export interface ExceptionStoreOptions {
@@ -59,12 +69,19 @@ export interface ReadMetadataResult {
   readonly chunkSizeSectors: Sector;
 }
 
-/** For merge: the newest committed exceptions. */
+/** For merge: a linear run of committed exceptions, (lastOld − i, lastNew − i) for i < count, within one area. */
 export interface MergeRun {
   /** Number of chunks in the linear run ending at the last committed exception (0: nothing left). */
   readonly count: number;
   readonly lastOldChunk: Chunk;
   readonly lastNewChunk: Chunk;
+}
+
+/** How much one merge batch (the runs copied between two commits) may take. */
+export interface MergeBatchLimits {
+  /** Chunks in all; the first run is returned whole even when it is longer. */
+  readonly chunksMax: number;
+  readonly runsMax: number;
 }
 
 export interface ExceptionStoreType<TStore = unknown> {
@@ -89,15 +106,34 @@ export interface ExceptionStoreType<TStore = unknown> {
   drop(store: TStore): Promise<void>;
   /** Brings the on-disk metadata up to date (persistent: writes the COW areas from the WAL state). */
   checkpoint?(store: TStore): Promise<void>;
-  /** Optional (persistent only): the linear run at the newest committed exception. */
+  /**
+   * Optional (persistent only; Linux prepare_merge): the linear run at the newest committed exception, within its
+   * area; an empty current area first makes the previous one current (the status shows it). count 0: none left.
+   */
   prepareMerge?(store: TStore): MergeRun;
   /**
-   * Optional (persistent only): forgets the newest n exceptions durably. For each, from the newest down, calls
-   * clearInCore(old, new) first (lock-step with the in-core table, seed 000); a false return aborts with an error.
-   * Precondition: no commit waiting. Rejects with DmError: DM_INVALID_ARGUMENT when clearInCore refused (nothing
-   * written), DM_IO when the area write failed (the merge must stop; a reload resumes from the COW).
+   * Optional (persistent only): the runs prepareMerge would return one after the other if each were committed in
+   * turn — newest first, walking back over metadata areas — up to `limits` (at least one run while any is left;
+   * [] when none is). Steps back like prepareMerge; changes nothing else. May read older areas from the COW.
+   * `belowNewest` (read-ahead): start below the newest `belowNewest` records — a batch whose commitMerge is still
+   * to come — and change nothing at all (no step back: prepareMerge does it once that commit is done).
    */
-  commitMerge?(store: TStore, n: number, clearInCore: (oldChunk: Chunk, newChunk: Chunk) => boolean): Promise<void>;
+  prepareMergeRuns?(store: TStore, limits: MergeBatchLimits, belowNewest?: number): Promise<MergeRun[]>;
+  /**
+   * Optional (persistent only; Linux commit_merge): forgets the newest n exceptions durably; n may span runs and
+   * metadata areas (a batch from prepareMergeRuns). For each record, from the newest down, calls clearInCore(old,
+   * new) first (lock-step with the in-core table, seed 000), then clears the record; every changed area is written
+   * and the COW flushed before the promise resolves. The caller has made the merged data durable on the origin
+   * first and holds the write interlock over the n chunks until then (a write to them, even once cleared in core,
+   * must wait). `onCleared`, when all n are cleared and their area writes queued: from then on prepareMerge,
+   * prepareMergeRuns and usage see the state after this commit (the next batch may be prepared and copied while
+   * the writes become durable; its commit's writes follow these). Precondition: no commit waiting.
+   * Rejects with DmError: DM_INVALID_ARGUMENT when clearInCore refused — the whole runs cleared before the refused
+   * record's run are committed (as if merged one run per step), that run and the older ones stay on disk (the
+   * refused run stays partly cleared in core, as in Linux); DM_IO when an area write failed (the merge must stop,
+   * later merge calls reject too; a reload resumes from the COW).
+   */
+  commitMerge?(store: TStore, n: number, clearInCore: (oldChunk: Chunk, newChunk: Chunk) => boolean, onCleared?: () => void): Promise<void>;
   /** Table status extras (`P 8` / `PO 8` / `N 8`). */
   readonly tableCode: (store: TStore) => string;
   close(store: TStore): Promise<void>;

@@ -57,6 +57,7 @@ import type {
   ExceptionStoreType,
   ExceptionStoreUsage,
   ExceptionWal,
+  MergeBatchLimits,
   MergeRun,
   ReadMetadataResult,
 } from './contract.js';
@@ -123,8 +124,13 @@ export class PersistentStore {
   checkpointQueued = false;
   /** WAL mode: a group job is queued and not started yet; it takes every commit waiting when it starts. */
   walJobQueued = false;
-  /** WAL mode: settles when every WAL append started so far has completed (see walGroupJob). */
+  /**
+   * Settles when every WAL append (WAL mode, see walGroupJob) and every merge commit's area writes (see
+   * persistentCommitMerge) started so far have completed.
+   */
   appendTail: Promise<void> = RESOLVED;
+  /** A merge commit's area writes failed: the in-memory areas are ahead of the COW, no merge commit may follow. */
+  mergeWriteError: Error | undefined = undefined;
   /** The job chain: group writes, checkpoints and merges run one at a time, in order. */
   tail: Promise<void> = RESOLVED;
   readonly zeroArea: Buffer;
@@ -612,72 +618,219 @@ async function checkpointJob(store: PersistentStore): Promise<void> {
 async function persistentCheckpoint(store: PersistentStore): Promise<void> {
   assert(store.loaded && !store.closed, 'persistent store: checkpoint before readMetadata or after close');
   startGroup(store);
-  if (!store.wal) return enqueue(store, () => RESOLVED);
+  if (!store.wal) return enqueue(store, () => store.appendTail); // a merge commit's area writes, if any
   return enqueue(store, () => checkpointJob(store));
 }
 
 // ---- merge ----------------------------------------------------------------------------------------------------
+//
+// Linux prepare_merge / commit_merge, extended to batches: prepareMergeRuns returns the runs prepare_merge would
+// find one after the other (each committed in turn), newest first, walking back over metadata areas, and
+// commitMerge(n) clears the newest n records — however many runs and areas they span — in lock-step with the
+// in-core table, writes every metadata area it changed, and flushes the COW once.
+//
+// Why a batch commit needs no ordering between its area writes (the crash argument). Before commitMerge runs,
+// every chunk of the batch was copied to the origin and the ORIGIN was flushed, and the merging target holds the
+// write interlock over every chunk of the batch until commitMerge resolved (so nothing but the merge has written
+// those origin chunks since the copy). The areas are then written without FUA, highest first, and the COW
+// flushed once. A crash before that flush leaves each area either old or new (a torn 4 KiB area is old or new
+// per sector, i.e. per slot). Say the batch cleared records [lo, hi) and lo lies in area A. A loader reads the
+// areas in order while they are full (Linux read_exceptions):
+//   - areas below A are untouched by the batch: full, read as before;
+//   - area A old: full (when the batch reaches past it) or its old records, read; area A new: the records below
+//     lo only, then a zero slot ends the list (the batch clears a suffix of A, so no zero slot precedes a live one);
+//   - past A, each area is old (its records, all of the batch) or new (zeroes: the list ends there).
+// So the records a reload finds are always the ones below lo plus a newest-first-cleared remainder of the batch:
+// a prefix of the record list as it was. Records of the batch still found are merged again after the reload:
+// the same COW chunk copied over the same, untouched, origin chunk — idempotent. Areas past the first one that is
+// not full are never read (Linux's loader stops there too; a later commit that fills the area below zeroes the
+// next area before writing the full one), so a stale area left above the end of the list is harmless.
+//
+// A commit's writes are queued behind the previous commit's (store.appendTail) and end with their own COW flush,
+// so at most one commit is not durable at a crash: the argument above applies to it, the earlier ones are on
+// disk. The caller keeps the interlock of a commit until its promise resolves, even when it goes on with the next
+// batch as soon as onCleared ran.
+
+/** old_chunk / new_chunk of the record in `slot` of an area image (no object per record: these loops are hot). */
+const oldChunkAt = (image: Buffer, slot: number): number => readLe64(image, slot * DISK_EXCEPTION_SIZE_BYTES);
+const newChunkAt = (image: Buffer, slot: number): number => readLe64(image, slot * DISK_EXCEPTION_SIZE_BYTES + 8);
+
+/** Linux prepare_merge's step back: an empty current area makes the previous (full) one current. */
+function stepBackIfEmpty(store: PersistentStore): void {
+  if (store.currentCommitted !== 0 || store.currentArea === 0) return;
+  assert(store.areas.has(store.currentArea - 1), `persistent store: no image of area ${store.currentArea - 1}`);
+  store.currentArea--;
+  store.currentCommitted = store.exceptionsPerArea;
+}
+
+/**
+ * The linear run ending at record index `last` (within its area): how many records, counting down from `last`,
+ * are (old − i, new − i).
+ */
+function runEndingAt(store: PersistentStore, image: Buffer, last: number): MergeRun {
+  const slot = last % store.exceptionsPerArea;
+  const topOld = oldChunkAt(image, slot);
+  const topNew = newChunkAt(image, slot);
+  let count = 1;
+  while (count <= slot && oldChunkAt(image, slot - count) === topOld - count && newChunkAt(image, slot - count) === topNew - count) count++;
+  return { count, lastOldChunk: chunks(topOld), lastNewChunk: chunks(topNew) };
+}
+
+/** The in-memory image of area `area`, read from the COW when it is not in memory (areas below it are on disk). */
+async function areaImageFor(store: PersistentStore, area: number): Promise<Buffer> {
+  let image = store.areas.get(area);
+  if (!image) {
+    image = Buffer.alloc(store.chunkSizeBytes);
+    await readChunk(store, store.areaLocation(area), image);
+    store.areas.set(area, image);
+  }
+  return image;
+}
 
 function persistentPrepareMerge(store: PersistentStore): MergeRun {
   assert(store.loaded && !store.closed, 'persistent store: prepareMerge before readMetadata or after close');
   assert(store.group.length === 0, 'persistent store: prepareMerge with commits waiting');
-  const epa = store.exceptionsPerArea;
-  if (store.currentCommitted === 0) {
-    if (store.currentArea === 0) return { count: 0, lastOldChunk: chunks(0), lastNewChunk: chunks(0) };
-    assert(store.areas.has(store.currentArea - 1), `persistent store: no image of area ${store.currentArea - 1}`);
-    store.currentArea--;
-    store.currentCommitted = epa;
-  }
-  const area = store.areas.get(store.currentArea)!;
-  const last = readRecord(area, store.currentCommitted - 1);
-  let count = 1;
-  for (; count < store.currentCommitted; count++) {
-    const r = readRecord(area, store.currentCommitted - 1 - count);
-    if (r.oldChunk !== last.oldChunk - count || r.newChunk !== last.newChunk - count) break;
-  }
-  return { count, lastOldChunk: chunks(last.oldChunk), lastNewChunk: chunks(last.newChunk) };
+  stepBackIfEmpty(store);
+  if (store.currentCommitted === 0) return { count: 0, lastOldChunk: chunks(0), lastNewChunk: chunks(0) };
+  return runEndingAt(store, store.areas.get(store.currentArea)!, store.committedIndex - 1);
 }
 
-function persistentCommitMerge(store: PersistentStore, n: number, clearInCore: (oldChunk: Chunk, newChunk: Chunk) => boolean): Promise<void> {
-  assert(store.loaded && !store.closed && !store.readOnly, 'persistent store: commitMerge on a store not loaded, closed or read-only');
-  assert(Number.isSafeInteger(n) && n >= 1 && n <= store.currentCommitted, `persistent store: commitMerge of ${n} with ${store.currentCommitted} in the area`);
-  assert(store.group.length === 0, 'persistent store: commitMerge with commits in flight');
+function persistentPrepareMergeRuns(store: PersistentStore, limits: MergeBatchLimits, belowNewest = 0): Promise<MergeRun[]> {
+  assert(store.loaded && !store.closed, 'persistent store: prepareMergeRuns before readMetadata or after close');
+  assert(store.group.length === 0, 'persistent store: prepareMergeRuns with commits waiting');
+  const { chunksMax, runsMax } = limits;
+  assert(Number.isSafeInteger(chunksMax) && chunksMax >= 1 && Number.isSafeInteger(runsMax) && runsMax >= 1, `persistent store: bad merge batch limits ${chunksMax} chunks, ${runsMax} runs`);
+  assert(Number.isSafeInteger(belowNewest) && belowNewest >= 0, `persistent store: bad belowNewest ${belowNewest}`);
+  // On the job chain: after any area write still queued, so an area read from the COW here is the one on disk.
+  let found: MergeRun[] = [];
   return enqueue(store, async () => {
+    if (store.mergeWriteError) throw store.mergeWriteError;
+    assert(belowNewest <= store.committedIndex, `persistent store: prepareMergeRuns below ${belowNewest} of ${store.committedIndex} records`);
+    // Like prepare_merge, the first run may step back an area (the status shows it at once); the runs found
+    // further back change nothing until commitMerge. A read-ahead (belowNewest > 0) changes nothing.
+    if (belowNewest === 0) stepBackIfEmpty(store);
+    const runs: MergeRun[] = [];
+    let chunksFound = 0;
+    let last = store.committedIndex - 1 - belowNewest;
+    let imageArea = -1;
+    let image = store.zeroArea;
+    while (last >= 0 && runs.length < runsMax) {
+      if (Math.floor(last / store.exceptionsPerArea) !== imageArea) {
+        imageArea = Math.floor(last / store.exceptionsPerArea);
+        image = await areaImageFor(store, imageArea);
+      }
+      const run = runEndingAt(store, image, last);
+      if (runs.length > 0 && chunksFound + run.count > chunksMax) break;
+      runs.push(run);
+      chunksFound += run.count;
+      last -= run.count;
+    }
+    found = runs;
+  }).then(() => found);
+}
+
+function persistentCommitMerge(
+  store: PersistentStore,
+  n: number,
+  clearInCore: (oldChunk: Chunk, newChunk: Chunk) => boolean,
+  onCleared?: () => void,
+): Promise<void> {
+  assert(store.loaded && !store.closed && !store.readOnly, 'persistent store: commitMerge on a store not loaded, closed or read-only');
+  assert(Number.isSafeInteger(n) && n >= 1 && n <= store.committedIndex, `persistent store: commitMerge of ${n} with ${store.committedIndex} records`);
+  assert(store.group.length === 0, 'persistent store: commitMerge with commits in flight');
+  let durable: Promise<void> = RESOLVED;
+  let refused: string | undefined;
+  return enqueue(store, async () => {
+    if (store.mergeWriteError) throw store.mergeWriteError;
     const wal = store.wal;
-    if (wal) {
-      // Everything durable goes to the areas, then the WAL is emptied (durably), so that no WAL record can name
-      // a slot this merge clears. From here on the area write below is the merge's only record.
+    if (wal && (store.walStale || store.durableIndex > store.checkpointIndex)) {
+      // Once per merge (no commit comes in while merging): everything durable goes to the areas, then the WAL is
+      // emptied (durably), so that no WAL record can name a slot a merge clears. From here on the area writes
+      // are the merge's only record.
       store.checkpointQueued = false;
       await checkpointJob(store);
       await wal.clear();
     }
-    const area = store.areas.get(store.currentArea)!;
-    for (let i = 0; i < n; i++) {
-      const slot = store.currentCommitted - 1 - i;
-      const r = readRecord(area, slot);
-      // Lock-step (seed 000): the in-core exception first, knowing the on-disk one, then the on-disk one.
-      if (!clearInCore(chunks(r.oldChunk), chunks(r.newChunk))) {
-        throw new DmError('DM_INVALID_ARGUMENT', `merge: exception ${r.oldChunk} -> ${r.newChunk} is on disk but not in memory, or in the middle of a run`);
+    const epa = store.exceptionsPerArea;
+    const top = store.committedIndex;
+    const bottom = top - n;
+    // Lock-step (seed 000), newest first: the in-core exception first, knowing the on-disk one. `kept` is where
+    // the records cleared in WHOLE runs end: a refusal keeps the run it hits on disk (the kernel never committed
+    // that run either) and commits the runs before it.
+    let kept = bottom;
+    let aboveOld = -1;
+    let aboveNew = -1;
+    let imageArea = -1;
+    let image = store.zeroArea;
+    for (let index = top - 1; index >= bottom; index--) {
+      if (Math.floor(index / epa) !== imageArea) {
+        imageArea = Math.floor(index / epa);
+        image = await areaImageFor(store, imageArea);
       }
-      writeRecord(area, slot, 0, 0);
+      const slot = index - imageArea * epa;
+      const oldChunk = oldChunkAt(image, slot);
+      const newChunk = newChunkAt(image, slot);
+      // A run (as prepare_merge finds it) starts at the newest record, at an area's last slot, or where the record
+      // above is not (old + 1, new + 1).
+      if (index === top - 1 || slot === epa - 1 || oldChunk !== aboveOld - 1 || newChunk !== aboveNew - 1) kept = index + 1;
+      if (!clearInCore(chunks(oldChunk), chunks(newChunk))) {
+        refused = `merge: exception ${oldChunk} -> ${newChunk} is on disk but not in memory, or in the middle of a run`;
+        break;
+      }
+      aboveOld = oldChunk;
+      aboveNew = newChunk;
     }
-    try {
-      await store.cow.flush();
-      await writeChunk(store, store.areaLocation(store.currentArea), Buffer.from(area), true);
-    } catch (e) {
-      throw new DmError('DM_IO', `merge: writing metadata area ${store.currentArea} of ${store.cow.name} failed`, { cause: e });
+    if (refused === undefined) kept = bottom;
+    if (kept === top) return;
+    // The new area images: in memory now (the store's state moves on at once: prepare and usage see it), on disk
+    // once `durable` settles.
+    const writes: Array<[number, Buffer]> = [];
+    for (let a = Math.floor((top - 1) / epa); a >= Math.floor(kept / epa); a--) {
+      const cleared = Buffer.from(await areaImageFor(store, a));
+      cleared.fill(0, Math.max(kept - a * epa, 0) * DISK_EXCEPTION_SIZE_BYTES);
+      store.areas.set(a, cleared);
+      writes.push([a, Buffer.from(cleared)]); // the write's own copy: the live image may change before it lands
     }
-    store.currentCommitted -= n;
+    // The kernel's state after committing these runs one by one: the area of the oldest record cleared, with
+    // what is left in it (0 when the batch ended on an area boundary; the next prepare steps back).
+    store.currentArea = Math.floor(kept / epa);
+    store.currentCommitted = kept - store.currentArea * epa;
     // Linux: only usage() reads next_free now; exceptions may have been committed out of order.
     store.nextFree = store.areaLocation(store.currentArea) + store.currentCommitted + 1;
-    store.durableIndex = store.checkpointIndex = store.committedIndex;
-    if (store.currentCommitted === 0 && store.currentArea > 0 && !store.areas.has(store.currentArea - 1)) {
-      const previous = Buffer.alloc(store.chunkSizeBytes);
-      await readChunk(store, store.areaLocation(store.currentArea - 1), previous);
-      store.areas.set(store.currentArea - 1, previous);
-    }
+    store.durableIndex = store.checkpointIndex = kept;
+    for (const a of [...store.areas.keys()]) if (a > store.currentArea) store.areas.delete(a);
+    if (store.currentCommitted === 0 && store.currentArea > 0) await areaImageFor(store, store.currentArea - 1);
     pruneAreas(store);
+    // The writes go after every earlier one (a previous batch's writes of the same area must land first), and
+    // outside the job chain: the next prepareMergeRuns, and the next batch's copy, overlap them. Jobs that need
+    // the COW up to date (checkpoint, drop, close) await store.appendTail.
+    const merged = top - kept;
+    durable = store.appendTail.then(() => writeMergedAreas(store, writes, merged));
+    store.appendTail = durable.catch(() => undefined);
+    if (refused === undefined) onCleared?.();
+  }).then(async () => {
+    await durable;
+    if (refused !== undefined) throw new DmError('DM_INVALID_ARGUMENT', refused);
   });
+}
+
+/** Writes the area images of one merge commit, then flushes the COW: from then on the commit is durable. */
+async function writeMergedAreas(store: PersistentStore, writes: ReadonlyArray<[number, Buffer]>, merged: number): Promise<void> {
+  if (store.mergeWriteError) throw store.mergeWriteError;
+  try {
+    for (const [area, image] of writes) await writeChunk(store, store.areaLocation(area), image, false);
+    // Linux writes each area with PREFLUSH|FUA; one flush after all of them is the same durability point (see the
+    // crash argument above: their order does not matter, only that all are durable before the interlock goes).
+    await store.cow.flush();
+  } catch (e) {
+    const areas = writes.map(([a]) => a);
+    // The images in memory are ahead of the COW now: no later merge commit may build on them.
+    store.mergeWriteError = new DmError('DM_IO', `merge: writing metadata areas ${Math.min(...areas)}..${Math.max(...areas)} of ${store.cow.name} failed`, { cause: e });
+    throw store.mergeWriteError;
+  }
+  // The event log's record of the merge (replay), after the area writes, once the store agrees. Not awaited: the
+  // areas are the merge's record, and a reload logs the COW's state as loaded anyway.
+  if (store.wal?.merged) void store.wal.merged(merged).catch(() => undefined);
 }
 
 // ---- the rest -------------------------------------------------------------------------------------------------
@@ -725,6 +878,7 @@ export const persistentStore: ExceptionStoreType<PersistentStore> = Object.freez
   drop: persistentDrop,
   checkpoint: persistentCheckpoint,
   prepareMerge: persistentPrepareMerge,
+  prepareMergeRuns: persistentPrepareMergeRuns,
   commitMerge: persistentCommitMerge,
   tableCode: (store: PersistentStore) => `${store.overflow ? 'PO' : 'P'} ${store.chunkSizeSectors}`,
   close: persistentClose,

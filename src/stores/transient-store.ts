@@ -6,6 +6,10 @@
  * Differences from Linux, on purpose: commit callbacks run on a later turn (a macrotask, in commit order) rather
  * than inside commit_exception, so that a caller never sees its callback run re-entrantly, whichever store it has.
  * A table chunk size of 0 is refused ("Chunk size not set", as snapshot_ctr refuses it for N).
+ *
+ * No merge: like Linux's transient store (no prepare_merge/commit_merge), it leaves prepareMerge, prepareMergeRuns
+ * and commitMerge out of its method table; snapshot-merge refuses a non-persistent store, and a merger finding no
+ * merge methods fails the merge ("the exception store cannot merge"). Nothing survives a reload to merge anyway.
  */
 import { assert } from '../core/assert.js';
 import { DmError } from '../core/errors.js';

@@ -1,13 +1,25 @@
 /**
  * Model-based tests: every path xstate/graph finds through each machine (shortest paths to every state and every
  * simple path) is run against the xstate machine and against its compiled transition table; both must be in the
- * same state after every step, and together the paths must cover every state and every transition.
+ * same state after every step, and together the paths must cover every state and every transition. The coverage
+ * report (src/inspect/machine-coverage.ts) of each form is asserted complete and printed at the end: a table of
+ * covered/total per machine and form, then every state and transition of every machine.
  */
-import { describe, expect, test } from 'vitest';
+import { afterAll, describe, expect, test } from 'vitest';
 import { createActor, type AnyStateMachine } from 'xstate';
 import { getShortestPaths, getSimplePaths } from 'xstate/graph';
 import { MACHINES } from '../../machines/index.js';
 import { compileMachine } from '../../src/core/compiled-machine.js';
+import {
+  formatCoverageDetail, formatCoverageTable, machineCoverage, traceOnCompiled, traceOnXstate, type CoverageReport,
+} from '../../src/inspect/machine-coverage.js';
+
+const coverageRows: Array<{ form: string; report: CoverageReport }> = [];
+afterAll(() => {
+  if (coverageRows.length === 0) return;
+  console.log(`coverage of the machine path tests\n${formatCoverageTable(coverageRows)}\n` +
+    coverageRows.filter((r) => r.form === 'xstate').map((r) => formatCoverageDetail(r.report)).join(''));
+});
 
 function allEvents(compiledEvents: readonly string[]) {
   return compiledEvents.map((type) => ({ type }));
@@ -69,28 +81,31 @@ for (const [name, machine] of Object.entries(MACHINES) as Array<[string, AnyStat
       }
     });
 
-    test('the paths cover every state and every transition', () => {
-      const statesSeen = new Set<string>([compiled.stateNames[compiled.initialIndex]]);
-      const transitionsSeen = new Set<string>();
-      for (const path of paths) {
-        let s = compiled.initialIndex;
-        for (const type of path) {
-          const next = compiled.step(s, compiled.eventIndex(type));
-          transitionsSeen.add(`${compiled.stateNames[s]} --${type}--> ${compiled.stateNames[next]}`);
-          s = next;
-          statesSeen.add(compiled.stateNames[s]);
-        }
-      }
-      const allTransitions = new Set<string>();
+    test('the paths cover every state and every transition, run on xstate and on the compiled table', () => {
+      // The expected sets come from the compiled table, the report's from the machine's state nodes: they must agree.
+      const allTransitions: string[] = [];
       for (let si = 0; si < compiled.stateNames.length; si++) {
         for (let ei = 0; ei < compiled.eventNames.length; ei++) {
           const n = compiled.tryStep(si, ei);
-          if (n >= 0) allTransitions.add(`${compiled.stateNames[si]} --${compiled.eventNames[ei]}--> ${compiled.stateNames[n]}`);
+          if (n >= 0) allTransitions.push(`${compiled.stateNames[si]} --${compiled.eventNames[ei]}--> ${compiled.stateNames[n]}`);
         }
       }
-      expect([...statesSeen].sort()).toEqual([...compiled.stateNames].sort());
-      expect([...transitionsSeen].sort()).toEqual([...allTransitions].sort());
-      expect(allTransitions.size).toBeGreaterThan(0);
+      expect(allTransitions.length).toBeGreaterThan(0);
+      const forms = {
+        xstate: machineCoverage(machine, paths.map((p) => traceOnXstate(machine, p))),
+        compiled: machineCoverage(machine, paths.map((p) => traceOnCompiled(compiled, p))),
+      };
+      for (const [form, report] of Object.entries(forms)) {
+        expect(report.machine).toBe(name);
+        expect(report.states.items.map((i) => i.name).sort(), form).toEqual([...compiled.stateNames].sort());
+        expect(report.transitions.items.map((i) => i.name).sort(), form).toEqual([...allTransitions].sort());
+        expect(report.states.items.filter((i) => !i.covered), `${form}: states not covered`).toEqual([]);
+        expect(report.transitions.items.filter((i) => !i.covered), `${form}: transitions not covered`).toEqual([]);
+        expect(report.states.covered).toBe(compiled.stateNames.length);
+        expect(report.transitions.covered).toBe(allTransitions.length);
+        expect(report.unexpected, form).toEqual([]);
+        coverageRows.push({ form, report });
+      }
     });
   });
 }

@@ -744,6 +744,251 @@ describe('persistent store: merge', () => {
   });
 });
 
+// ---- merge batches ------------------------------------------------------------------------------------------------
+
+/**
+ * The runs prepare_merge finds one commit after the other for `pairs` (on-disk order) with E records per area:
+ * [count, lastOld, lastNew], newest first (the model of prepareMergeRuns: a run never crosses an area).
+ */
+function modelRuns(pairs: readonly Pair[], epa: number): Array<[number, number, number]> {
+  const out: Array<[number, number, number]> = [];
+  for (let last = pairs.length - 1; last >= 0; ) {
+    const [o, n] = pairs[last];
+    let count = 1;
+    while (count <= last % epa && pairs[last - count][0] === o - count && pairs[last - count][1] === n - count) count++;
+    out.push([count, o, n]);
+    last -= count;
+  }
+  return out;
+}
+
+const asTriples = (runs: ReadonlyArray<{ count: number; lastOldChunk: number; lastNewChunk: number }>): Array<[number, number, number]> =>
+  runs.map((r) => [r.count, r.lastOldChunk, r.lastNewChunk]);
+
+/** Old chunks in runs of 1..6 consecutive chunks, `count` in all (seeded). */
+function runsOfOlds(count: number, seed: number): number[] {
+  const rng = createRng(seed);
+  const olds: number[] = [];
+  for (let base = 0; olds.length < count; base += 100) for (let i = 0, k = rng.int(6); i <= k && olds.length < count; i++) olds.push(base + i);
+  return olds;
+}
+
+/** A COW device whose writes wait while the gate is shut (reads and flushes pass). */
+class GatedCow extends FaultyBlockDevice {
+  private gate: Promise<void> | undefined;
+  private open: () => void = () => undefined;
+  writesWaiting = 0;
+  shut(): void {
+    this.gate ??= new Promise((resolve) => (this.open = resolve));
+  }
+  reopen(): void {
+    this.open();
+    this.gate = undefined;
+  }
+  protected override async _write(s: Sector, b: Uint8Array, fua: boolean): Promise<void> {
+    if (this.gate) {
+      this.writesWaiting++;
+      await this.gate;
+      this.writesWaiting--;
+    }
+    return super._write(s, b, fua);
+  }
+}
+
+describe('persistent store: merge batches (prepareMergeRuns, commitMerge over several runs and areas)', () => {
+  test('prepareMergeRuns returns the runs prepare_merge finds one commit after the other, across areas, up to the limits', async () => {
+    const cow = mem(1024);
+    const { store } = await open({ cow, chunkSizeSectors: sectors(1) });
+    const pairs = await prepareAndCommit(store, runsOfOlds(150, 1)); // 32 records per area: areas 0..4
+    const model = modelRuns(pairs, 32);
+    const all = await persistentStore.prepareMergeRuns!(store, { chunksMax: 10_000, runsMax: 10_000 });
+    expect(asTriples(all)).toEqual(model);
+    expect(all.reduce((n, r) => n + r.count, 0)).toBe(150);
+    // Runs stop at area boundaries: the model's runs never cross one, and prepareMerge agrees on the first.
+    expect(asTriples([persistentStore.prepareMerge!(store)])).toEqual([model[0]]);
+    // runsMax, chunksMax (whole runs only; the first run whole even when longer than chunksMax).
+    expect(asTriples(await persistentStore.prepareMergeRuns!(store, { chunksMax: 10_000, runsMax: 3 }))).toEqual(model.slice(0, 3));
+    const firstTwo = model[0][0] + model[1][0];
+    expect(asTriples(await persistentStore.prepareMergeRuns!(store, { chunksMax: firstTwo, runsMax: 100 }))).toEqual(model.slice(0, 2));
+    expect(asTriples(await persistentStore.prepareMergeRuns!(store, { chunksMax: firstTwo + model[2][0] - 1, runsMax: 100 }))).toEqual(model.slice(0, 2));
+    expect(asTriples(await persistentStore.prepareMergeRuns!(store, { chunksMax: 1, runsMax: 100 }))).toEqual(model.slice(0, 1));
+    // Read-ahead below the newest records changes nothing (no step back either).
+    const usage = persistentStore.usage(store);
+    const below = model[0][0] + model[1][0];
+    expect(asTriples(await persistentStore.prepareMergeRuns!(store, { chunksMax: 10_000, runsMax: 4 }, below))).toEqual(model.slice(2, 6));
+    expect(persistentStore.usage(store)).toEqual(usage);
+    expect(await persistentStore.prepareMergeRuns!(store, { chunksMax: 10, runsMax: 10 }, 150)).toEqual([]);
+    expect(() => persistentStore.prepareMergeRuns!(store, { chunksMax: 0, runsMax: 1 })).toThrow(/limits/);
+  });
+
+  test('one commitMerge over runs in three areas: lock-step newest first, every changed area written, the state of run-by-run commits', async () => {
+    const cow = mem(1024);
+    const a = await open({ cow, chunkSizeSectors: sectors(1) });
+    const pairs = await prepareAndCommit(a.store, runsOfOlds(110, 2)); // areas 0..3, 14 records in area 3
+    const table = new ExceptionTable();
+    for (const [o, n] of pairs) table.insert(chunks(o), chunks(n));
+    const model = modelRuns(pairs, 32);
+    // A batch from the newest record down into area 1: whole runs covering at least 50 records.
+    let take = 0;
+    let runs = 0;
+    while (take < 50) take += model[runs++][0];
+    const batch = await persistentStore.prepareMergeRuns!(a.store, { chunksMax: take, runsMax: runs });
+    expect(batch.length).toBe(runs);
+    const cleared: Pair[] = [];
+    let clearedWhenOnCleared = -1;
+    await persistentStore.commitMerge!(
+      a.store,
+      take,
+      (o, n) => {
+        cleared.push([o, n]);
+        return table.clearMerged(o, n);
+      },
+      () => (clearedWhenOnCleared = cleared.length),
+    );
+    expect(cleared).toEqual(pairs.slice(110 - take).reverse());
+    expect(clearedWhenOnCleared).toBe(take);
+    const left = 110 - take;
+    // Every area from the one holding the oldest cleared record up is on disk as it must be.
+    for (let area = Math.floor(left / 32); area <= 3; area++) {
+      expect((await readChunk(cow, areaLocation(area, 1), 1)).equals(areaImage(1, pairs.slice(area * 32, Math.min(left, (area + 1) * 32)))), `area ${area}`).toBe(true);
+    }
+    // Usage as after the same runs committed one per step: next_free = area location + records left in it + 1.
+    const area = Math.floor(left / 32);
+    expect(persistentStore.usage(a.store)).toEqual({ totalSectors: 1024, sectorsAllocated: areaLocation(area, 1) + (left - area * 32) + 1, metadataSectors: area + 2 });
+    // The rest in one more batch; then a reload finds nothing.
+    const rest = await persistentStore.prepareMergeRuns!(a.store, { chunksMax: 1000, runsMax: 1000 });
+    expect(asTriples(rest)).toEqual(model.slice(runs));
+    await persistentStore.commitMerge!(a.store, left, (o, n) => table.clearMerged(o, n));
+    expect(table.size).toBe(0);
+    expect(persistentStore.usage(a.store)).toEqual({ totalSectors: 1024, sectorsAllocated: 2, metadataSectors: 2 });
+    await persistentStore.close(a.store);
+    for (let area = 0; area <= 3; area++) expect((await readChunk(cow, areaLocation(area, 1), 1)).every((x) => x === 0), `area ${area} zeroed`).toBe(true);
+    expect((await open({ cow })).found).toEqual([]);
+  });
+
+  test('a batch whose clearInCore refuses inside it: the whole runs before are committed, the refused run and older stay', async () => {
+    const cow = mem(1024);
+    const a = await open({ cow, chunkSizeSectors: sectors(1) });
+    const pairs = await prepareAndCommit(a.store, runsOfOlds(80, 3));
+    const model = modelRuns(pairs, 32);
+    // Refuse the second record of the fourth run (or its first if it has one record).
+    const before = model[0][0] + model[1][0] + model[2][0];
+    const refuseAt = before + Math.min(1, model[3][0] - 1);
+    let calls = 0;
+    const err = await persistentStore
+      .commitMerge!(a.store, before + model[3][0] + model[4][0], () => calls++ !== refuseAt)
+      .then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(DmError);
+    expect((err as DmError).code).toBe('DM_INVALID_ARGUMENT');
+    expect(calls).toBe(refuseAt + 1);
+    await persistentStore.close(a.store);
+    expect((await open({ cow })).found, 'the three runs before the refused one are merged, nothing else').toEqual(pairs.slice(0, 80 - before));
+  });
+
+  test('onCleared comes before the area writes are durable: the next batch is prepared meanwhile, its commit waits for them', async () => {
+    const cow = new GatedCow(mem(1024), { volatileCache: true });
+    const a = await open({ cow, chunkSizeSectors: sectors(1) });
+    const pairs = await prepareAndCommit(a.store, runsOfOlds(70, 4));
+    const model = modelRuns(pairs, 32);
+    const table = new ExceptionTable();
+    for (const [o, n] of pairs) table.insert(chunks(o), chunks(n));
+    cow.shut();
+    let cleared = false;
+    let durable = false;
+    const first = persistentStore.commitMerge!(a.store, model[0][0], (o, n) => table.clearMerged(o, n), () => (cleared = true)).then(() => (durable = true));
+    while (!cleared) await turn();
+    await turn();
+    expect(durable, 'not durable while its area write waits').toBe(false);
+    expect(cow.writesWaiting).toBe(1);
+    // The store has moved on: the next runs (and usage) are those after the first run.
+    expect(asTriples(await persistentStore.prepareMergeRuns!(a.store, { chunksMax: 1000, runsMax: 2 }))).toEqual(model.slice(1, 3));
+    const second = persistentStore.commitMerge!(a.store, model[1][0], (o, n) => table.clearMerged(o, n));
+    await turn();
+    expect(cow.writesWaiting, "the second commit's writes wait behind the first's").toBe(1);
+    cow.reopen();
+    await Promise.all([first, second]);
+    expect(durable).toBe(true);
+    // checkpoint() waits for merge writes too; a crash now keeps both commits.
+    await persistentStore.checkpoint!(a.store);
+    await cow.crash();
+    expect((await open({ cow: new CutDevice(cow) })).found).toEqual(pairs.slice(0, 70 - model[0][0] - model[1][0]));
+  });
+
+  test('a failed area write rejects the commit (DM_IO) and every merge call after it', async () => {
+    const cow = new FaultyBlockDevice(mem(1024));
+    const a = await open({ cow, chunkSizeSectors: sectors(1) });
+    const pairs = await prepareAndCommit(a.store, runsOfOlds(40, 5));
+    const table = new ExceptionTable();
+    for (const [o, n] of pairs) table.insert(chunks(o), chunks(n));
+    cow.setErrorRules([{ op: 'write' }]);
+    const run = persistentStore.prepareMerge!(a.store);
+    const err = await persistentStore.commitMerge!(a.store, run.count, (o, n) => table.clearMerged(o, n)).then(() => undefined, (e: unknown) => e);
+    expect((err as DmError).code).toBe('DM_IO');
+    cow.setErrorRules([]);
+    await expect(persistentStore.prepareMergeRuns!(a.store, { chunksMax: 10, runsMax: 10 })).rejects.toThrow(/metadata areas/);
+    await expect(persistentStore.commitMerge!(a.store, 1, () => true)).rejects.toThrow(/metadata areas/);
+    await persistentStore.close(a.store);
+    expect((await open({ cow })).found, 'nothing merged on disk').toEqual(pairs);
+  });
+
+  test('a crash at any I/O of batched merges (between two area writes of one commit too) leaves a prefix, never a merged record back', async () => {
+    /** Counts the writes that land on metadata areas (chunk size 1). */
+    class AreaCountingCut extends CutDevice {
+      areaWrites = 0;
+      protected override _write(sector: Sector, buf: Uint8Array, fua: boolean): Promise<void> {
+        return super._write(sector, buf, fua).then(() => {
+          if (isMetadataChunk(sector, 1)) this.areaWrites++;
+        });
+      }
+    }
+    let insideCommits = 0;
+    for (let seed = 1; seed <= 150; seed++) {
+      const rng = createRng(9100 + seed);
+      const wal = seed % 2 === 0 ? new WalMedium() : undefined;
+      const faulty = new FaultyBlockDevice(await garbageCow(1024), { volatileCache: true, rng });
+      const power = new Power(Infinity);
+      const cow = new AreaCountingCut(faulty, power);
+      const { store } = await open({ cow, chunkSizeSectors: sectors(1), wal: wal?.view(power), checkpointExceptionsMax: 7 });
+      const pairs = await prepareAndCommit(store, runsOfOlds(100, seed));
+      const table = new ExceptionTable();
+      for (const [o, n] of pairs) table.insert(chunks(o), chunks(n));
+      // Power for a seeded number of writes, flushes and WAL operations from here on: the merge runs into the cut.
+      power.budget = rng.int(30);
+      let floor = pairs.length; // records left after the last commit that resolved
+      let remaining = pairs.length; // records left once the last commit started
+      try {
+        for (;;) {
+          const batch = await persistentStore.prepareMergeRuns!(store, { chunksMax: 1 + rng.int(60), runsMax: 1 + rng.int(20) });
+          if (batch.length === 0) break;
+          const n = batch.reduce((sum, r) => sum + r.count, 0);
+          const areas = Math.floor((remaining - 1) / 32) - Math.floor((remaining - n) / 32) + 1;
+          remaining -= n;
+          const areaWritesBefore = cow.areaWrites;
+          try {
+            await persistentStore.commitMerge!(store, n, (o, nn) => table.clearMerged(o, nn));
+          } catch (e) {
+            const written = cow.areaWrites - areaWritesBefore;
+            if (areas > 1 && written >= 1 && written < areas) insideCommits++;
+            throw e;
+          }
+          floor = remaining;
+        }
+      } catch {
+        // the cut
+      }
+      wal?.crash();
+      await faulty.crash({ torn: rng.int(2) === 0 });
+      const again = await open({ cow: new CutDevice(faulty), wal: wal?.view() });
+      expect(again.valid).toBe(true);
+      const n = again.found.length;
+      expect(again.found, `seed ${seed}`).toEqual(pairs.slice(0, n));
+      expect(n, `seed ${seed}: a durable merge commit came back`).toBeLessThanOrEqual(floor);
+      expect(n, `seed ${seed}: more merged than committed`).toBeGreaterThanOrEqual(remaining);
+    }
+    expect(insideCommits, 'crashes between two area writes of one commit').toBeGreaterThan(5);
+  });
+});
+
 // ---- crashes ------------------------------------------------------------------------------------------------------
 
 /** Data a workload writes into the COW chunk of origin chunk `old` (never zero, so it never passes for a hole). */

@@ -18,8 +18,8 @@ test('merge smoke', async () => {
   await e.device('snap')!.read(sectors(0), want);
   await e.suspend('orig');
   await e.load('orig', '0 8192 snapshot-merge o c P 8');
-  await e.remove('snap');
   await e.resume('orig');
+  await e.remove('snap');
   for (let i = 0; i < 200; i++) {
     const st = e.status('orig')[0];
     const [alloc, meta] = [st.split(' ')[3].split('/')[0], st.split(' ')[4]];

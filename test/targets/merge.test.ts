@@ -12,7 +12,14 @@
  *   the interlock is set and queued by it — to chunks already merged, to chunks never in the COW) and reads, checked
  *   against a model; another snapshot of the origin keeps its contents through the merge (copy-out first); suspend
  *   stops the merge (STOPPED) and resume continues it (DONE); the merge events.
+ * - `dmsetup status --inactive` of a table waiting for the exception handover (a snapshot reload, P, N or PO, of a
+ *   valid or an Invalid snapshot; snapshot-merge loaded on the origin): `0/<COW sectors> 0`, as Linux 6.1 prints.
+ * - `dmstate merge NAME` (runMerge against an in-process daemon): the switch in LVM's order, then the table
+ *   lvconvert leaves (linear; snapshot-origin while another snapshot of the origin is left); watching a merge that
+ *   runs already or was stopped; bad input changes nothing.
  */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { MemoryLevel } from 'memory-level';
 import { Engine } from '../../src/core/engine.js';
@@ -25,6 +32,11 @@ import type { LevelDb } from '../../src/log/event-log.js';
 import type { LoggedEvent } from '../../src/log/events.js';
 import type { SnapshotInstance } from '../../src/targets/snapshot/snapshot.js';
 import type { SnapshotState } from '../../src/targets/snapshot/snapshot-state.js';
+import { ExceptionTable } from '../../src/stores/exception-table.js';
+import { Daemon } from '../../src/frontends/daemon.js';
+import { ControlClient } from '../../src/frontends/control-client.js';
+import { poolPaths } from '../../src/frontends/pool.js';
+import { mergeFinishCommands, mergeSwitch, mergeSwitchCommands, mergedOriginTable, runMerge, type DmsetupArgv } from '../../src/frontends/cli/merge.js';
 import {
   SECTOR,
   craftCow,
@@ -125,13 +137,17 @@ async function rig(cow: CraftedCow, originSectors: number, extra: Record<string,
   return { e, origin, cow: cowDev, originSectors, originBefore, snapshot, events, statuses };
 }
 
-/** lvconvert --merge as dmsetup does it: suspend the origin, load snapshot-merge, remove the snapshot, resume. */
+/**
+ * lvconvert --merge's order (what `dmstate merge` does): suspend the origin and the snapshot, load snapshot-merge on
+ * the origin, resume it (the handover), remove the snapshot. `before` runs just before the handover.
+ */
 async function startMerge(r: Rig, chunk = CHUNK, before?: () => void | Promise<void>): Promise<void> {
   await r.e.suspend('orig');
+  await r.e.suspend('snap');
   await r.e.load('orig', `0 ${r.originSectors} snapshot-merge o c P ${chunk}`);
-  await r.e.remove('snap');
   await before?.();
   await r.e.resume('orig');
+  await r.e.remove('snap');
 }
 
 async function finishAndCheck(r: Rig, cow: CraftedCow, what: string): Promise<MergeStatus> {
@@ -143,11 +159,12 @@ async function finishAndCheck(r: Rig, cow: CraftedCow, what: string): Promise<Me
   expect(r.e.status('orig')).toEqual([`0 ${r.originSectors} snapshot-merge ${2 * CHUNK}/${total} ${2 * CHUNK}`]);
   expectSame(await readAll(r.e.device('orig')!), r.snapshot, `${what}: merging device after DONE`);
   expectSame(await readAll(r.origin), r.snapshot, `${what}: origin device after DONE`);
-  // Back to a plain origin (what `dmstate merge` does at the end); the origin keeps the snapshot's contents.
+  // Back to what lvconvert leaves with no snapshot left (and `dmstate merge` too): a linear origin, holding the
+  // snapshot's contents.
   await r.e.suspend('orig');
-  await r.e.load('orig', `0 ${r.originSectors} snapshot-origin o`);
+  await r.e.load('orig', `0 ${r.originSectors} linear o 0`);
   await r.e.resume('orig');
-  expectSame(await readAll(r.e.device('orig')!), r.snapshot, `${what}: snapshot-origin after the merge`);
+  expectSame(await readAll(r.e.device('orig')!), r.snapshot, `${what}: linear after the merge`);
   return st;
 }
 
@@ -182,6 +199,13 @@ describe('merging crafted COWs: record order, group and area boundaries', () => 
         expectSame(r.snapshot, snapshotImage(r.originBefore, cow), 'snapshot before the merge');
         const sequence = mergeStatusSequence(cow.records, CHUNK, cow.image.length / SECTOR);
         expect(r.e.status('snap')).toEqual([`0 ${layout.originSectors} snapshot ${sequence[0]}`]);
+        // Loaded in descending order, every record back-merges into the run above it: the in-core runs are the
+        // same as when loaded in allocation order (runs break at 256-chunk groups and metadata areas only).
+        const inCore = [...stateOf(r.e, 'snap').table.runs()].map((x) => [x.oldChunk, x.newChunk, x.count]);
+        const ascending = new ExceptionTable();
+        for (const [o, n] of [...cow.records].sort((a, b) => a[1] - b[1])) ascending.insert(o as never, n as never);
+        if (order !== 'shuffled') expect(inCore).toEqual([...ascending.runs()].map((x) => [x.oldChunk, x.newChunk, x.count]));
+        if (order !== 'shuffled' && layout.name.startsWith('old chunks 250')) expect(inCore).toEqual([[3, 2, 0], [40, 14, 0], [250, 3, 5], [256, 9, 4], [300, 15, 1]]);
         await startMerge(r);
         const st = await finishAndCheck(r, cow, `${layout.name} (${order})`);
         // The runs merged, in order, are those prepare_merge finds in the records: ascending records as linear
@@ -313,11 +337,12 @@ describe('a merge that cannot go on: Merge failed, I/O goes on', () => {
     await e.create('snap', { table: '0 4096 snapshot o c P 8' });
     const want = await readAll(e.device('snap')!);
     await e.suspend('orig');
+    await e.suspend('snap');
     await e.load('orig', '0 4096 snapshot-merge o c P 8');
-    await e.remove('snap');
     // Chunk 120's origin sectors refuse writes: the merge fails when it gets there.
     faulty.setErrorRules([{ op: 'write', startSector: sectors(120 * CHUNK), endSector: sectors(121 * CHUNK) }]);
     await e.resume('orig');
+    await e.remove('snap');
     const st = await waitMerge(e);
     expect(st.state).toBe('FAILED');
     expect(st.reason).toMatch(/write error/);
@@ -521,9 +546,10 @@ describe('the merge and the other snapshots of the origin', () => {
         }
       });
       await e.suspend('orig');
+      await e.suspend('snapA');
       await e.load('orig', `0 ${originSectors} snapshot-merge o cA P 8`);
-      await e.remove('snapA');
       await e.resume('orig');
+      await e.remove('snapA');
       // Writes to the merging device go on during the merge: B gets its copies of those chunks first too.
       const final = Buffer.from(aModel);
       for (let i = 0; i < 20; i++) {
@@ -575,14 +601,19 @@ describe('stopping and resuming the merge', () => {
     const cow = craftCow({ chunkSectors: CHUNK, oldChunks: range(0, 600).map((i) => (i * 7) % 1000), order: 'shuffled', seed: 3 });
     const r = await rig(cow, 8192);
     const model = Buffer.from(r.snapshot);
-    let committed = 0;
-    const stopAt = [40, 200, 450];
+    // A suspend at the first run committed after the start and after each resume (the merge goes in batches that
+    // grow from one run; the batch in flight when the suspend comes is finished first).
+    const rounds = 3;
+    let stopNext = true;
     const suspended: Array<Promise<void>> = [];
     r.e.events$.subscribe((ev) => {
-      if (ev.type === 'merge.run.committed' && stopAt.includes(++committed)) suspended.push(r.e.suspend('orig'));
+      if (ev.type === 'merge.run.committed' && stopNext && suspended.length < rounds) {
+        stopNext = false;
+        suspended.push(r.e.suspend('orig'));
+      }
     });
     await startMerge(r);
-    for (let round = 0; round < stopAt.length; round++) {
+    for (let round = 0; round < rounds; round++) {
       while (suspended.length <= round) await sleep(1);
       await suspended[round];
       const st = await mergeStatus(r.e);
@@ -597,6 +628,7 @@ describe('stopping and resuming the merge', () => {
       const w = put(r.e.device('orig')!, model, 5000 + round, chunk * CHUNK + 2, 4).then(() => (written = true));
       await sleep(5);
       expect(written).toBe(false);
+      stopNext = true;
       await r.e.resume('orig');
       await w;
     }
@@ -662,7 +694,7 @@ describe('stopping and resuming the merge', () => {
     const kinds = r.events.map((ev) => ev.type);
     expect(kinds[kinds.length - 1]).toBe('merge.done');
     const states = r.events.flatMap((ev) => (ev.type === 'merge.state' ? [`${ev.from}-${ev.event}->${ev.state}`] : []));
-    const oneRun = [
+    const oneBatch = [
       'PREPARE-RUN_FOUND->COPY_OUT_OTHERS',
       'COPY_OUT_OTHERS-OTHERS_READY->INTERLOCK',
       'INTERLOCK-WRITES_DRAINED->COPYING',
@@ -670,8 +702,8 @@ describe('stopping and resuming the merge', () => {
       'FLUSHING-FLUSHED->COMMITTING',
       'COMMITTING-COMMITTED->PREPARE',
     ];
-    // Runs newest first: 50..51, then 3, then 100..109.
-    expect(states).toEqual(['IDLE-START->PREPARE', ...oneRun, ...oneRun, ...oneRun, 'PREPARE-NO_MORE->DONE']);
+    // Runs newest first: 50..51, then 3, then 100..109; in batches: the first one run (50..51), the second the others.
+    expect(states).toEqual(['IDLE-START->PREPARE', ...oneBatch, ...oneBatch, 'PREPARE-NO_MORE->DONE']);
     const started = r.events.flatMap((ev) => (ev.type === 'merge.run.started' ? [[ev.firstOldChunk, ev.chunks]] : []));
     expect(started).toEqual([[50, 2], [3, 1], [100, 10]]);
     const left = r.events.flatMap((ev) => (ev.type === 'merge.run.committed' ? [ev.chunksLeft] : []));
@@ -708,5 +740,316 @@ describe('the snapshot device after the handover (LVM order: suspend both, load,
     await r.e.remove('snap');
     expectSame(await readAll(r.origin), r.snapshot, 'origin after the merge');
     await r.e.close();
+  });
+});
+
+describe('the snapshot removed BEFORE the origin resumes: the handover is cancelled (Linux snapshot_dtr)', () => {
+  test('snapshot-merge stays Invalid, nothing merges, I/O goes to the origin, the COW is intact and loads again', async () => {
+    const cow = craftCow({ chunkSectors: CHUNK, oldChunks: range(0, 60).map((i) => 5 * i), order: 'ascending', seed: 5 });
+    const r = await rig(cow, 4096);
+    const cancelled: LoggedEvent[] = [];
+    r.e.events$.subscribe((ev) => {
+      if (ev.type === 'snapshot.handover.cancelled') cancelled.push(ev);
+    });
+    await r.e.suspend('orig');
+    await r.e.load('orig', `0 4096 snapshot-merge o c P ${CHUNK}`);
+    expect(r.e.status('orig', true)).toEqual([`0 4096 snapshot-merge 0/${cow.image.length / SECTOR} 0`]);
+    await r.e.remove('snap');
+    // Linux 6.1 prints exactly these (test/kernel/merge-interop.test.ts, scenario F).
+    expect(r.e.status('orig', true)).toEqual(['0 4096 snapshot-merge Invalid']);
+    expect(cancelled.map((e) => e.type)).toEqual(['snapshot.handover.cancelled']);
+    await r.e.resume('orig');
+    expect(r.e.status('orig')).toEqual(['0 4096 snapshot-merge Invalid']);
+    await sleep(50);
+    // Nothing merged: the origin still holds its own data, and reads of it through the device see that.
+    expectSame(await readAll(r.origin), r.originBefore, 'origin after the cancelled merge');
+    expectSame(await readAll(r.e.device('orig')!), r.originBefore, 'reads through the Invalid snapshot-merge table');
+    // Writes go to the origin (and copy nothing into the COW: no snapshot is active on it).
+    await r.e.device('orig')!.write(sectors(8), writeData(77, 8, 8));
+    const cowBefore = await readAll(r.cow);
+    await r.e.remove('orig');
+    expect((await readAll(r.cow)).equals(cowBefore)).toBe(true);
+    // The COW is still a valid snapshot of the origin as it was: a new snapshot table over it reads the old content.
+    await r.e.create('snap2', { table: `0 4096 snapshot o c P ${CHUNK}` });
+    const again = await readAll(r.e.device('snap2')!);
+    // Chunk 1 (sectors 8..15) was written after the snapshot; the snapshot has no exception for it (5·i chunks only)
+    // so it reads the origin's new data there, as the kernel's would; everywhere else it is the snapshot as before.
+    const want = Buffer.from(r.snapshot);
+    writeData(77, 8, 8).copy(want, 8 * SECTOR);
+    expectSame(again, want, 'the COW loaded again');
+    await r.e.close();
+  });
+});
+
+describe('a merging origin left suspended across a restart', () => {
+  test('stays stopped after the engine reopens (no merge while suspended), and merges to the end on resume', async () => {
+    const cow = craftCow({ chunkSectors: CHUNK, oldChunks: range(0, 400).map((i) => 2 * i), order: 'ascending', seed: 8 });
+    // An origin whose flushes take a while, so the merge is still running when the device is suspended.
+    class SlowFlushDevice extends MemoryBlockDevice {
+      protected override async _flush(): Promise<void> {
+        await sleep(2);
+      }
+    }
+    const origin = new SlowFlushDevice({ sizeSectors: sectors(8192), name: 'o' });
+    await origin.write(sectors(0), writeData(0, 0, 8192));
+    const cowDev = new MemoryBlockDevice({ sizeSectors: sectors(cow.image.length / SECTOR), name: 'c' });
+    await cowDev.write(sectors(0), cow.image);
+    const db = new MemoryLevel() as unknown as LevelDb;
+    let e = await Engine.open({ db, backingDevices: { o: origin, c: cowDev } });
+    await e.create('orig', { table: '0 8192 snapshot-origin o' });
+    await e.create('snap', { table: `0 8192 snapshot o c P ${CHUNK}` });
+    const want = await readAll(e.device('snap')!);
+    await e.suspend('orig');
+    await e.suspend('snap');
+    await e.load('orig', `0 8192 snapshot-merge o c P ${CHUNK}`);
+    await e.resume('orig');
+    await e.remove('snap');
+    await sleep(5);
+    await e.suspend('orig'); // 400 single-chunk runs, a slow flush after each batch: stopped before the end
+    const left = (await mergeStatus(e)).chunksLeft;
+    expect(left).toBeGreaterThan(0);
+    await e.close();
+    e = await Engine.open({ db, backingDevices: { o: origin, c: cowDev } });
+    expect(e.info('orig').suspended).toBe(true);
+    const after = await mergeStatus(e);
+    await sleep(100);
+    const later = await mergeStatus(e);
+    expect(after.state).not.toBe('DONE');
+    expect(later.chunksLeft, 'no merge step while the device is suspended').toBe(after.chunksLeft);
+    expect(after.chunksLeft).toBe(left);
+    await e.resume('orig');
+    const st = await waitMerge(e);
+    expect(st.state).toBe('DONE');
+    expectSame(await readAll(origin), want, 'origin after the merge resumed');
+    await e.close();
+  });
+});
+
+// ---- dmsetup status --inactive of a table waiting for the handover ----------------------------------------------
+
+describe('status --inactive of a table waiting for the exception handover: 0/<COW sectors> 0 (Linux 6.1)', () => {
+  // Checked on Linux 6.1 (test/kernel/merge-interop.test.ts checks the snapshot-merge case on every run): a
+  // reloaded snapshot table, P, PO or N, of a valid or an Invalid snapshot, and a snapshot-merge table loaded on the
+  // origin print `0/<COW sectors> 0` until their resume (snapshot_ctr defers the store to the handover).
+  async function rig2(mode: string, cowSectors: number): Promise<{ e: Engine; table: string }> {
+    const origin = new MemoryBlockDevice({ sizeSectors: sectors(2048), name: 'o' });
+    const cow = new MemoryBlockDevice({ sizeSectors: sectors(cowSectors), name: 'c' });
+    const e = await Engine.open({ db: new MemoryLevel() as unknown as LevelDb, backingDevices: { o: origin, c: cow } });
+    const table = `0 2048 snapshot o c ${mode} 8`;
+    await e.create('orig', { table: '0 2048 snapshot-origin o' });
+    await e.create('snap', { table });
+    // Three 4 KiB origin writes (chunks 1, 5, 9): three exceptions, as in the kernel check.
+    for (const chunk of [1, 5, 9]) await e.device('orig')!.write(sectors(chunk * 8), writeData(5, chunk * 8, 8)).catch(() => undefined);
+    return { e, table };
+  }
+
+  for (const mode of ['P', 'PO', 'N']) {
+    test(`a reloaded ${mode} snapshot: 0/2048 0 until its resume, the live table unchanged; then the same usage`, async () => {
+      const { e, table } = await rig2(mode, 2048);
+      // Three exceptions of 8 sectors; a persistent store also counts its header and one metadata area.
+      const live = mode === 'N' ? '24/2048 0' : '40/2048 16';
+      expect(e.status('snap')).toEqual([`0 2048 snapshot ${live}`]);
+      await e.load('snap', table);
+      expect(e.status('snap', true)).toEqual(['0 2048 snapshot 0/2048 0']);
+      expect(e.status('snap')).toEqual([`0 2048 snapshot ${live}`]);
+      await e.resume('snap');
+      expect(e.status('snap')).toEqual([`0 2048 snapshot ${live}`]);
+      await e.close();
+    });
+  }
+
+  test('a reloaded Invalid snapshot (COW full): 0/24 0 until its resume, then Invalid', async () => {
+    // 24 sectors: header, one metadata chunk and one data chunk; the second origin write invalidates it.
+    const { e, table } = await rig2('P', 24);
+    expect(e.status('snap')).toEqual(['0 2048 snapshot Invalid']);
+    await e.load('snap', table);
+    expect(e.status('snap', true)).toEqual(['0 2048 snapshot 0/24 0']);
+    await e.resume('snap');
+    expect(e.status('snap')).toEqual(['0 2048 snapshot Invalid']);
+    await e.close();
+  });
+
+  test('snapshot-merge loaded on the origin: 0/2048 0 until the origin resumes; then the merge shows, the snapshot is Invalid', async () => {
+    const { e } = await rig2('P', 2048);
+    await e.suspend('orig');
+    await e.suspend('snap');
+    await e.load('orig', '0 2048 snapshot-merge o c P 8');
+    expect(e.status('orig', true)).toEqual(['0 2048 snapshot-merge 0/2048 0']);
+    expect(e.status('snap')).toEqual(['0 2048 snapshot 40/2048 16']);
+    await e.resume('orig');
+    expect(e.status('snap')).toEqual(['0 2048 snapshot Invalid']);
+    expect((await waitMerge(e)).state).toBe('DONE');
+    expect(e.status('orig')).toEqual(['0 2048 snapshot-merge 16/2048 16']);
+    await e.close();
+  });
+});
+
+// ---- dmstate merge NAME -----------------------------------------------------------------------------------------
+
+describe('dmstate merge NAME (runMerge against an in-process daemon)', () => {
+  interface CliRig {
+    readonly dir: string;
+    readonly daemon: Daemon;
+    readonly client: ControlClient;
+    readonly originImg: string;
+    readonly cowImg: string;
+    /** The engine's table changes, as `suspend NAME` / `load NAME TABLE` / `resume NAME` / `remove NAME`. */
+    readonly switches: string[];
+    close(): Promise<void>;
+  }
+
+  async function cliRig(cow: CraftedCow, originSectors: number): Promise<CliRig> {
+    const dir = fs.mkdtempSync('/tmp/dmm-'); // short: the control socket path is limited to 107 bytes
+    const originImg = path.join(dir, 'o.img');
+    const cowImg = path.join(dir, 'c.img');
+    fs.writeFileSync(originImg, writeData(0, 0, originSectors));
+    fs.writeFileSync(cowImg, cow.image);
+    const daemon = await Daemon.start({ poolDir: path.join(dir, 'p') });
+    const paths = poolPaths(path.join(dir, 'p'));
+    const client = await ControlClient.connect(paths.controlSocket, paths.dir);
+    const switches: string[] = [];
+    daemon.engine.events$.subscribe((ev) => {
+      if (ev.type === 'device.suspended') switches.push(`suspend ${ev.device}`);
+      if (ev.type === 'table.loaded') switches.push(`load ${ev.device} ${ev.table.join('; ')}`);
+      if (ev.type === 'device.resumed') switches.push(`resume ${ev.device}`);
+      if (ev.type === 'device.removed') switches.push(`remove ${ev.device}`);
+    });
+    await daemon.engine.create('orig', { table: `0 ${originSectors} snapshot-origin ${originImg}` });
+    await daemon.engine.create('snap', { table: `0 ${originSectors} snapshot ${originImg} ${cowImg} P ${CHUNK}` });
+    switches.length = 0;
+    return {
+      dir,
+      daemon,
+      client,
+      originImg,
+      cowImg,
+      switches,
+      async close() {
+        client.close();
+        await daemon.close();
+        fs.rmSync(dir, { recursive: true, force: true });
+      },
+    };
+  }
+
+  /** runMerge as `dmstate merge NAME` calls it, its output (no tty: one progress line a second) collected. */
+  async function merge(r: CliRig, name: string): Promise<{ code: number; lines: string[] }> {
+    let text = '';
+    const out = { isTTY: false, write: (chunk: string) => ((text += chunk), true) } as unknown as NodeJS.WriteStream;
+    const code = await runMerge(r.client, name, '/', out, () => performance.now());
+    return { code, lines: text.split('\n').filter((l) => l !== '') };
+  }
+
+  const asSwitch = (argv: DmsetupArgv): string => (argv[0] === 'load' ? `load ${argv[1]} ${argv[3]}` : argv.join(' '));
+  const PROGRESS = /^\[[#.]{30}\] +\d+\.\d% {2}\d+\/\d+ chunks {2}\d+ chunks\/s {2}ETA (\d+:\d\d|--:--)$/;
+
+  test("LVM's order: suspend the origin, suspend the snapshot, load snapshot-merge, resume the origin, THEN remove the snapshot; linear at the end", async () => {
+    const cow = craftCow({ chunkSectors: CHUNK, oldChunks: range(0, 300).map((i) => (7 * i) % 512), order: 'shuffled', seed: 5 });
+    const r = await cliRig(cow, 4096);
+    try {
+      const want = snapshotImage(writeData(0, 0, 4096), cow);
+      const res = await merge(r, 'snap');
+      expect(res.code, res.lines.join('\n')).toBe(0);
+      const mergeTable = `0 4096 snapshot-merge ${r.originImg} ${r.cowImg} P ${CHUNK}`;
+      const finalTable = `0 4096 linear ${r.originImg} 0`;
+      expect(r.switches).toEqual([
+        'suspend orig',
+        'suspend snap',
+        `load orig ${mergeTable}`,
+        'resume orig',
+        'remove snap',
+        'suspend orig',
+        `load orig ${finalTable}`,
+        'resume orig',
+      ]);
+      // The exported plan is that order (test/kernel/merge-interop.test.ts runs it on Linux).
+      expect(mergeSwitchCommands(mergeSwitch('snap', 'orig', mergeTable)).map(asSwitch)).toEqual(r.switches.slice(0, 5));
+      expect(mergeFinishCommands('orig', mergedOriginTable('0', '4096', r.originImg, false)).map(asSwitch)).toEqual(r.switches.slice(5));
+      expect(res.lines[0]).toBe(`merging snapshot snap into orig (origin ${r.originImg}, COW ${r.cowImg}, chunk ${CHUNK} sectors)`);
+      for (const l of res.lines.slice(1, -1)) expect(l).toMatch(PROGRESS);
+      expect(res.lines.at(-2)).toMatch(/^\[#{30}\] 100\.0% {2}300\/300 chunks {2}\d+ chunks\/s {2}ETA 0:00$/);
+      expect(res.lines.at(-1)).toMatch(new RegExp(`^merge done: 300 chunks in \\d+:\\d\\d; orig is a linear mapping of ${r.originImg} again \\(no snapshot of it left\\)$`));
+      expect(r.daemon.engine.table('orig')).toEqual([finalTable]);
+      expect(r.daemon.engine.device('snap')).toBeUndefined();
+      expectSame(fs.readFileSync(r.originImg), want, 'origin file after dmstate merge');
+    } finally {
+      await r.close();
+    }
+  });
+
+  test('with another snapshot of the origin left, the origin is a snapshot-origin again and that snapshot kept its contents', async () => {
+    const cow = craftCow({ chunkSectors: CHUNK, oldChunks: range(0, 120).map((i) => 3 * i), order: 'ascending' });
+    const r = await cliRig(cow, 4096);
+    try {
+      const cow2 = path.join(r.dir, 'c2.img');
+      fs.writeFileSync(cow2, Buffer.alloc(4096 * SECTOR));
+      await r.daemon.engine.create('snap2', { table: `0 4096 snapshot ${r.originImg} ${cow2} P ${CHUNK}` });
+      const snap2Before = await readAll(r.daemon.engine.device('snap2')!);
+      const res = await merge(r, 'snap');
+      expect(res.code, res.lines.join('\n')).toBe(0);
+      expect(res.lines.at(-1)).toMatch(/; orig is a snapshot-origin again \(snapshots left: snap2\)$/);
+      expect(r.daemon.engine.table('orig')).toEqual([`0 4096 snapshot-origin ${r.originImg}`]);
+      expectSame(fs.readFileSync(r.originImg), snapshotImage(writeData(0, 0, 4096), cow), 'origin after the merge');
+      expectSame(await readAll(r.daemon.engine.device('snap2')!), snap2Before, 'the other snapshot after the merge');
+      // The merge's overwrites copied out to snap2: 120 chunks, one exception each.
+      expect(r.daemon.engine.status('snap2')).toEqual([`0 4096 snapshot ${120 * CHUNK + 2 * CHUNK}/4096 ${2 * CHUNK}`]);
+    } finally {
+      await r.close();
+    }
+  });
+
+  test('on a merging origin: a stopped merge exits 1 and says so; resumed, dmstate merge ORIGIN watches it to the end and switches', async () => {
+    const cow = craftCow({ chunkSectors: CHUNK, oldChunks: range(0, 1200).map((i) => (7 * i) % 2048), order: 'shuffled', seed: 3 });
+    const r = await cliRig(cow, 16384);
+    try {
+      const e = r.daemon.engine;
+      await e.suspend('orig');
+      await e.suspend('snap');
+      await e.load('orig', `0 16384 snapshot-merge ${r.originImg} ${r.cowImg} P ${CHUNK}`);
+      await e.resume('orig');
+      await e.suspend('orig'); // 1200 single-chunk runs: stopped long before the end
+      await e.remove('snap');
+      const stopped = await mergeStatus(e);
+      expect(stopped.state).toBe('STOPPED');
+      expect(stopped.chunksLeft).toBeGreaterThan(0);
+      const first = await merge(r, 'orig');
+      expect(first.code).toBe(1);
+      expect(first.lines[0]).toBe('watching the merge running on orig');
+      expect(first.lines.at(-1)).toBe('merge stopped (device suspended); run dmstate merge orig after resuming it');
+      expect(e.table('orig')).toEqual([`0 16384 snapshot-merge ${r.originImg} ${r.cowImg} P ${CHUNK}`]);
+      await e.resume('orig');
+      const second = await merge(r, 'orig');
+      expect(second.code, second.lines.join('\n')).toBe(0);
+      expect(second.lines.at(-1)).toMatch(/^merge done: 1200 chunks in \d+:\d\d; orig is a linear mapping of .* again \(no snapshot of it left\)$/);
+      expect(e.table('orig')).toEqual([`0 16384 linear ${r.originImg} 0`]);
+      expectSame(fs.readFileSync(r.originImg), snapshotImage(writeData(0, 0, 16384), cow), 'origin after the merge');
+    } finally {
+      await r.close();
+    }
+  });
+
+  test('bad input: a transient snapshot, a snapshot with no origin device, not a snapshot: a clear error, nothing changed', async () => {
+    const cow = craftCow({ chunkSectors: CHUNK, oldChunks: [1, 2, 3], order: 'ascending' });
+    const r = await cliRig(cow, 4096);
+    try {
+      const e = r.daemon.engine;
+      const cowN = path.join(r.dir, 'cn.img');
+      const other = path.join(r.dir, 'other.img');
+      const cowO = path.join(r.dir, 'co.img');
+      for (const f of [cowN, other, cowO]) fs.writeFileSync(f, Buffer.alloc(4096 * SECTOR));
+      await e.create('snapN', { table: `0 4096 snapshot ${r.originImg} ${cowN} N ${CHUNK}` });
+      await e.create('lone', { table: `0 4096 snapshot ${other} ${cowO} P ${CHUNK}` });
+      const state = (): string[] => e.names().flatMap((n) => [n, ...e.table(n), ...e.status(n), String(e.info(n).suspended)]);
+      const before = state();
+      r.switches.length = 0;
+      await expect(merge(r, 'snapN')).rejects.toThrow('snapN: a transient (N) snapshot cannot be merged');
+      await expect(merge(r, 'lone')).rejects.toThrow(`lone: no snapshot-origin device over ${other} found`);
+      await expect(merge(r, 'orig')).rejects.toThrow('orig: not a snapshot (its table is snapshot-origin)');
+      await expect(merge(r, 'nosuch')).rejects.toThrow(/nosuch/);
+      expect(state()).toEqual(before);
+      expect(r.switches).toEqual([]);
+    } finally {
+      await r.close();
+    }
   });
 });

@@ -16,6 +16,12 @@ import { parseUnsigned } from '../../core/parse-number.js';
 import { DMSTATE_VERSION } from '../../version.js';
 import { runDemo } from './demo.js';
 import { runMerge } from './merge.js';
+import { dmsetupRunner, runResync } from './resync.js';
+import { runReplayWrites } from './replay-writes.js';
+import { runInspect } from './inspect.js';
+import { runMachines } from './machines.js';
+import { runBitmap } from './bitmap.js';
+import { runLogCompact, runReplay } from './replay.js';
 import { parseListenAddress, type NbdListenAddress } from '../nbd/server.js';
 
 export const USAGE = `dmstate ${DMSTATE_VERSION}: the Linux device-mapper in userspace
@@ -32,7 +38,18 @@ usage:
   dmstate log     [--pool DIR] [--follow] [--since SEQ] [--json]   print the pool's event log
   dmstate merge   [--pool DIR] NAME                      merge snapshot NAME into its origin (like lvconvert --merge),
                   with progress; on a merging origin: watch it and finish
+  dmstate resync  [--pool DIR] NAME [--readd LEG] [--throttle PERCENT]
+                  watch a mirror's resync with progress until it is in sync; --readd re-adds a failed leg first
   dmstate demo    [--pool DIR]                           serve with a demo device (what npm start runs)
+  dmstate replay  [--pool DIR] [--to SEQ | --to-mark NAME] [--into DIR2 [--writable]] [--json]
+                  rebuild the pool's state (metadata; data files are today's) from its log, print its digest;
+                  dmstate replay --help.  dmstate log compact [--pool DIR] --before SEQ: drop old events
+  dmstate replay-writes LOG --to-device FILE [...]      rebuild a device from a dm-log-writes log (--help: options)
+  dmstate inspect [--pool DIR] [--device NAME] [--actor KIND] [--json | --stately]
+                  stream the daemon's actors live (bios, kcopyd jobs/pieces, merges); dmstate inspect --help
+  dmstate machines [NAME] [--format json|mermaid|dot|scxml] [--paths [--to STATE]] [--coverage]   the machines; --help
+  dmstate bitmap  create FILE --sync-size SECTORS [--chunk SIZE] [--delay S] | examine FILE   md bitmap files
+                  (like mdadm --create --bitmap=FILE / mdadm -X FILE); dmstate bitmap --help
 
 The pool is --pool DIR, else $DMSTATE_POOL, else ./dmstate-data. Table device arguments are file paths,
 names of other mapped devices, /dev/mapper/NAME or 253:MINOR.
@@ -70,12 +87,25 @@ export async function main(argv: string[]): Promise<number> {
         return await serve(args);
       case 'dmsetup':
         return await dmsetup(args);
+      case 'replay':
+        return await runReplay(extractPool(args).pool, extractPool(args).rest);
       case 'log':
+        if (args[0] === 'compact') return await runLogCompact(extractPool(args.slice(1)).pool, extractPool(args.slice(1)).rest);
         return await log(args);
       case 'demo':
         return await runDemo(extractPool(args).pool);
       case 'merge':
         return await merge(args);
+      case 'resync':
+        return await resync(args);
+      case 'replay-writes':
+        return await runReplayWrites(args);
+      case 'inspect':
+        return await runInspect(args);
+      case 'machines':
+        return await runMachines(args);
+      case 'bitmap':
+        return await runBitmap(args);
       default:
         process.stderr.write(`dmstate: unknown command '${cmd}'\n\n${USAGE}`);
         return 2;
@@ -178,6 +208,36 @@ async function merge(argv: string[]): Promise<number> {
   const client = await ControlClient.connect(paths.controlSocket, paths.dir);
   try {
     return await runMerge(client, rest[0], process.cwd(), process.stderr, () => performance.now());
+  } finally {
+    client.close();
+  }
+}
+
+async function resync(argv: string[]): Promise<number> {
+  const { pool, rest } = extractPool(argv);
+  const names: string[] = [];
+  let readdLeg: string | undefined;
+  let throttlePercent: string | undefined;
+  const usage = new DmError('DM_INVALID_ARGUMENT', 'usage: dmstate resync [--pool DIR] NAME [--readd LEG] [--throttle PERCENT]');
+  for (let i = 0; i < rest.length; i++) {
+    if (rest[i] === '--readd' || rest[i] === '--throttle') {
+      const value = rest[i + 1];
+      if (value === undefined) throw usage;
+      if (rest[i] === '--readd') readdLeg = value;
+      else throttlePercent = value;
+      i++;
+    } else names.push(rest[i]);
+  }
+  if (names.length !== 1) throw usage;
+  const paths = poolPaths(pool);
+  const client = await ControlClient.connect(paths.controlSocket, paths.dir);
+  try {
+    return await runResync(dmsetupRunner(client, process.cwd()), names[0], process.stderr, {
+      readdLeg,
+      throttlePercent,
+      nowMs: () => performance.now(),
+      wait: (ms) => new Promise((r) => setTimeout(r, ms)),
+    });
   } finally {
     client.close();
   }

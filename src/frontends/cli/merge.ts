@@ -1,7 +1,9 @@
 /**
- * `dmstate merge NAME`: merges snapshot NAME back into its origin the way `lvconvert --merge` does — the origin's
+ * `dmstate merge NAME`: merges snapshot NAME back into its origin the way `lvconvert --merge` does: the origin's
  * table becomes snapshot-merge (taking over the snapshot's state), the snapshot device goes away, the merge runs
- * with a progress bar (chunks, chunks/s, ETA), and the origin gets its plain snapshot-origin table back at the end.
+ * with a progress bar (chunks, chunks/s, ETA), and when it is done the origin gets the table lvconvert leaves: a
+ * plain linear mapping of the origin when no other snapshot of it is left, snapshot-origin when one is
+ * (LVM's vg_remove_snapshot drops the origin layer with the last snapshot).
  * `dmstate merge ORIGIN` on an origin that is already merging (e.g. after Ctrl-C or a daemon restart) watches it
  * and finishes the switch. Ctrl-C stops only the watching: the merge goes on in the daemon.
  */
@@ -12,7 +14,7 @@ import { parseDmsetupArgs } from '../dmsetup/command.js';
 /** Polling period of the merge status. */
 const MERGE_POLL_MS = 200;
 
-async function dmsetup(client: ControlClient, argv: string[], cwd: string): Promise<string> {
+async function dmsetup(client: ControlClient, argv: readonly string[], cwd: string): Promise<string> {
   const command = parseDmsetupArgs(argv);
   command.cwd = cwd;
   const r = await client.request({ op: 'dmsetup', command });
@@ -76,6 +78,76 @@ export function formatMergeProgress(merged: number, total: number, chunksPerSeco
   return `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(frac * 100).toFixed(1).padStart(5)}%  ${merged}/${total} chunks  ${Math.round(chunksPerSecond)} chunks/s  ETA ${formatDuration(eta)}`;
 }
 
+/** A dmsetup command line (the arguments after `dmsetup`). */
+export type DmsetupArgv = readonly string[];
+
+/**
+ * The table switch that starts a merge, in LVM's order (lvconvert --merge). The kernel hands the snapshot's
+ * exceptions over to the snapshot-merge table when the ORIGIN resumes, and only while the snapshot's table still
+ * exists: a snapshot removed before that cancels the handover ("Cancelling snapshot handover") and the merge table
+ * stays Invalid, merging nothing. So the snapshot goes away last.
+ */
+export interface MergeSwitch {
+  /** Suspend the origin: nothing to undo when it fails. */
+  readonly prepare: readonly DmsetupArgv[];
+  /** Suspend the snapshot, load snapshot-merge on the origin, resume the origin (the handover). */
+  readonly handover: readonly DmsetupArgv[];
+  /** Remove the snapshot device, Invalid since the handover. */
+  readonly cleanup: readonly DmsetupArgv[];
+}
+
+export function mergeSwitch(snapshot: string, origin: string, mergeTable: string): MergeSwitch {
+  return {
+    prepare: [['suspend', origin]],
+    handover: [['suspend', snapshot], ['load', origin, '--table', mergeTable], ['resume', origin]],
+    cleanup: [['remove', snapshot]],
+  };
+}
+
+/** The switch's commands in the order they run. */
+export const mergeSwitchCommands = (m: MergeSwitch): DmsetupArgv[] => [...m.prepare, ...m.handover, ...m.cleanup];
+
+/**
+ * The origin's table once merged (one line: start, length, origin device): what lvconvert leaves. With no other
+ * snapshot of the origin, LVM drops the origin layer (lv_is_origin() is false once origin_count is 0) and the LV is
+ * a linear mapping again; with other snapshots, snapshot-origin.
+ */
+export function mergedOriginTable(start: string, length: string, originDev: string, otherSnapshots: boolean): string {
+  return otherSnapshots ? `${start} ${length} snapshot-origin ${originDev}` : `${start} ${length} linear ${originDev} 0`;
+}
+
+/** The switch back from the finished snapshot-merge table. */
+export function mergeFinishCommands(origin: string, table: string): DmsetupArgv[] {
+  return [['suspend', origin], ['load', origin, '--table', table], ['resume', origin]];
+}
+
+/** Every device's live table. */
+async function allTables(client: ControlClient, cwd: string): Promise<Map<string, TableLine[]>> {
+  const names = (await dmsetup(client, ['ls'], cwd)).split('\n').filter((l) => l.includes('\t')).map((l) => l.split('\t')[0]);
+  const out = new Map<string, TableLine[]>();
+  for (const n of names) out.set(n, parseLines(await dmsetup(client, ['table', n], cwd)));
+  return out;
+}
+
+/** Runs the switch that starts the merge; a failed handover step is undone (both devices back as they were). */
+async function startMerge(client: ControlClient, cwd: string, m: MergeSwitch, snapshot: string, origin: string, out: NodeJS.WritableStream): Promise<void> {
+  for (const c of m.prepare) await dmsetup(client, c, cwd);
+  try {
+    for (const c of m.handover) await dmsetup(client, c, cwd);
+  } catch (err) {
+    await dmsetup(client, ['clear', origin], cwd).catch(() => undefined);
+    await dmsetup(client, ['resume', origin], cwd).catch(() => undefined);
+    await dmsetup(client, ['resume', snapshot], cwd).catch(() => undefined);
+    throw err;
+  }
+  for (const c of m.cleanup) {
+    // The merge runs already: a snapshot device left behind is harmless (Invalid, refuses I/O); say so and go on.
+    await dmsetup(client, c, cwd).catch((err: unknown) => {
+      out.write(`warning: ${(err as Error).message}; the merge goes on (remove ${snapshot} later: it is Invalid)\n`);
+    });
+  }
+}
+
 export async function runMerge(client: ControlClient, name: string, cwd: string, out: NodeJS.WriteStream, nowMs: () => number): Promise<number> {
   const table = parseLines(await dmsetup(client, ['table', name], cwd));
   if (table.length !== 1) throw new DmError('DM_INVALID_ARGUMENT', `${name}: expected a one-line snapshot or snapshot-merge table`);
@@ -89,33 +161,24 @@ export async function runMerge(client: ControlClient, name: string, cwd: string,
     const openCount = Number(info.split(':')[4]);
     if (openCount > 0) throw new DmError('DM_DEVICE_BUSY', `${name}: the snapshot is in use (open count ${openCount}); close its users first`);
     // Find the device whose table is the snapshot's origin.
-    const names = (await dmsetup(client, ['ls'], cwd)).split('\n').filter((l) => l.includes('\t')).map((l) => l.split('\t')[0]);
     let found: { name: string; line: TableLine } | undefined;
-    for (const n of names) {
-      const lines = parseLines(await dmsetup(client, ['table', n], cwd));
+    for (const [n, lines] of await allTables(client, cwd)) {
       if (lines.length === 1 && lines[0].target === 'snapshot-origin' && lines[0].args[0] === originDev) found = { name: n, line: lines[0] };
     }
     if (!found) throw new DmError('DM_NO_SUCH_DEVICE', `${name}: no snapshot-origin device over ${originDev} found`);
     originName = found.name;
     originTable = found.line;
     out.write(`merging snapshot ${name} into ${originName} (origin ${originDev}, COW ${cowDev}, chunk ${chunk} sectors)\n`);
-    await dmsetup(client, ['suspend', originName], cwd);
-    try {
-      await dmsetup(client, ['load', originName, '--table', `${originTable.start} ${originTable.length} snapshot-merge ${originDev} ${cowDev} ${mode} ${chunk}`], cwd);
-      await dmsetup(client, ['remove', name], cwd);
-    } catch (err) {
-      await dmsetup(client, ['clear', originName], cwd).catch(() => undefined);
-      await dmsetup(client, ['resume', originName], cwd);
-      throw err;
-    }
-    await dmsetup(client, ['resume', originName], cwd);
+    const mergeTable = `${originTable.start} ${originTable.length} snapshot-merge ${originDev} ${cowDev} ${mode} ${chunk}`;
+    await startMerge(client, cwd, mergeSwitch(name, originName, mergeTable), name, originName, out);
   } else if (t.target === 'snapshot-merge') {
     originName = name;
-    originTable = { ...t, target: 'snapshot-origin', args: [t.args[0]] };
+    originTable = t;
     out.write(`watching the merge running on ${originName}\n`);
   } else {
     throw new DmError('DM_INVALID_ARGUMENT', `${name}: not a snapshot (its table is ${t.target})`);
   }
+  const originDev = originTable.args[0];
 
   // Watch.
   const first = parseMergeStatus(await dmsetup(client, ['message', originName, '0', 'merge-status'], cwd));
@@ -147,10 +210,13 @@ export async function runMerge(client: ControlClient, name: string, cwd: string,
     out.write(`merge stopped (device suspended); run dmstate merge ${originName} after resuming it\n`);
     return 1;
   }
-  // Done: back to a plain origin.
-  await dmsetup(client, ['suspend', originName], cwd);
-  await dmsetup(client, ['load', originName, '--table', `${originTable.start} ${originTable.length} snapshot-origin ${originTable.args[0]}`], cwd);
-  await dmsetup(client, ['resume', originName], cwd);
-  out.write(`merge done: ${st.chunksMerged} chunks in ${formatDuration(elapsedS)}; ${originName} is a snapshot-origin again\n`);
+  // Done: the table lvconvert leaves (looked up now: snapshots may have come or gone during the merge).
+  const others = [...(await allTables(client, cwd))]
+    .filter(([n, lines]) => n !== name && lines.some((l) => l.target === 'snapshot' && l.args[0] === originDev))
+    .map(([n]) => n);
+  const finalTable = mergedOriginTable(originTable.start, originTable.length, originDev, others.length > 0);
+  for (const c of mergeFinishCommands(originName, finalTable)) await dmsetup(client, c, cwd);
+  const what = others.length > 0 ? `a snapshot-origin again (snapshots left: ${others.join(', ')})` : `a linear mapping of ${originDev} again (no snapshot of it left)`;
+  out.write(`merge done: ${st.chunksMerged} chunks in ${formatDuration(elapsedS)}; ${originName} is ${what}\n`);
   return 0;
 }

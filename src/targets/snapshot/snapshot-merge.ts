@@ -7,13 +7,13 @@
  * `dmsetup message NAME 0 merge-status` (a dmstate extension) prints the merge's state and progress.
  */
 import type { Sector } from '../../block/units.js';
-import { MAP_HELD, MAP_DONE, MAP_KILL, MAP_REMAPPED, type Bio } from '../../core/bio.js';
+import { MAP_HELD, MAP_DONE, MAP_REMAPPED, type Bio } from '../../core/bio.js';
 import { DmError } from '../../core/errors.js';
 import type { TargetContext, TargetType } from '../../core/target-contract.js';
 import { Merger } from './merger.js';
 import { mapOriginWrite } from './snapshot-origin.js';
 import { originRegistry, snapshotKcopyd } from './shared.js';
-import { snapshotCtr, snapshotDtr, type SnapshotInstance } from './snapshot.js';
+import { snapshotCtr, snapshotDtr, snapshotStatus, type SnapshotInstance } from './snapshot.js';
 
 interface MergeInstance extends SnapshotInstance {
   readonly merger: Merger;
@@ -22,7 +22,9 @@ interface MergeInstance extends SnapshotInstance {
 function mergeMap(inst: MergeInstance, bio: Bio, ctx: TargetContext): 0 | 1 | 2 | 3 {
   const s = inst.state;
   const m = inst.merger;
-  if (s.owner !== inst) return MAP_KILL; // handed over to a newer table
+  // A table that does not own the state (handed over to a newer one, or whose handover was cancelled) is Invalid;
+  // like the kernel's invalid merging snapshot, it sends all I/O to the origin.
+  const owns = s.owner === inst;
   if (bio.op === 'flush') {
     // The kernel sends one flush to the origin and one to the COW.
     Promise.all([s.origin.device.flush(), s.cow.device.flush()]).then(
@@ -35,14 +37,16 @@ function mergeMap(inst: MergeInstance, bio: Bio, ctx: TargetContext): 0 | 1 | 2 
   if (bio.op === 'discard') return MAP_DONE;
   const offset = bio.sector - ctx.beginSector;
   const held = { bio, ctx };
-  if (s.valid) {
+  if (owns && s.valid) {
     const chunk = s.chunkOf(offset);
+    // Writes to chunks being merged wait until their commit is durable, also once the lock-step has cleared their
+    // in-core exceptions (merger.ts: a batch's interlock holds until its metadata area writes are durable).
+    if (bio.op === 'write' && m.inMergingRange(chunk)) {
+      m.queueWrite(held);
+      return MAP_HELD;
+    }
     const e = s.table.lookup(chunk as never);
     if (e >= 0) {
-      if (bio.op === 'write' && m.inMergingRange(chunk)) {
-        m.queueWrite(held);
-        return MAP_HELD;
-      }
       const cowSector = (e * s.chunkSizeSectors + (offset % s.chunkSizeSectors)) as Sector;
       if (bio.op === 'read') {
         bio.remapDevice = s.cow.device;
@@ -114,7 +118,7 @@ export const snapshotMergeTarget: TargetType<MergeInstance> = Object.freeze({
     s.merging = true;
     // snapshot-merge acts as the origin: split bios at the origin's smallest chunk size.
     originRegistry(inst.ctx).registerOriginTarget(s.origin.device, inst.ctx);
-    inst.merger.start();
+    if (!s.pinned) inst.merger.start(); // a replayed read-only pool shows the merge as it stood, without running it
   },
   async postsuspend(inst: MergeInstance) {
     await inst.merger.stop();
@@ -128,6 +132,6 @@ export const snapshotMergeTarget: TargetType<MergeInstance> = Object.freeze({
     }
     throw new DmError('DM_NOT_SUPPORTED', `snapshot-merge: unknown message "${args.join(' ')}" (try: merge-status)`);
   },
-  status: (inst: MergeInstance) => (inst.state.owner === inst ? inst.state.statusText() : 'Invalid'),
+  status: snapshotStatus,
   table: (inst: MergeInstance) => `${inst.state.origin.label} ${inst.state.cow.label} ${inst.state.storeType.tableCode(inst.state.store)}`,
 });

@@ -53,6 +53,8 @@ export class SnapshotState {
   active = false;
   /** A snapshot-merge table runs on this state (no new exceptions are made in it). */
   merging = false;
+  /** Exceptions pinned by a read-only replayed pool (`dmstate replay --into`): nothing is written, no merge runs. */
+  pinned = false;
   mergeFailed = false;
   /**
    * The target instance that owns this state now. A table that handed the state over to a newer one (a reload,
@@ -63,9 +65,15 @@ export class SnapshotState {
   generations = 0;
   ownerGeneration = -1;
 
+  /**
+   * Tables numbered below this lost their handover: the table that owned the state was destroyed while they waited
+   * to be resumed (Linux snapshot_dtr: "Cancelling snapshot handover."). They stay Invalid and never take over.
+   */
+  handoverCancelledBefore = 0;
+
   /** Makes `inst` (built as table number `generation`) the owner unless a newer table owns the state already. */
   takeOwnership(inst: unknown, generation: number): void {
-    if (generation < this.ownerGeneration) return;
+    if (generation < this.ownerGeneration || generation < this.handoverCancelledBefore) return;
     this.owner = inst;
     this.ownerGeneration = generation;
   }
@@ -301,7 +309,7 @@ export class SnapshotState {
     this.valid = false;
     this.ctx.tableEvent();
     void this.storeType.drop(this.store).catch(() => undefined);
-    void this.ctx.log.append({ type: 'snapshot.invalidated', device: this.deviceName, reason }, { durable: true }).catch(() => undefined);
+    void this.ctx.log.append({ type: 'snapshot.invalidated', device: this.deviceName, reason, cow: this.persistent ? this.cow.label : undefined }, { durable: true }).catch(() => undefined);
   }
 
   /** PO snapshots: a full COW stops snapshot writes but keeps the snapshot readable. */
@@ -309,7 +317,7 @@ export class SnapshotState {
     if (!this.valid || this.overflowed) return;
     this.overflowed = true;
     this.ctx.tableEvent();
-    void this.ctx.log.append({ type: 'snapshot.overflowed', device: this.deviceName }, { durable: true }).catch(() => undefined);
+    void this.ctx.log.append({ type: 'snapshot.overflowed', device: this.deviceName, cow: this.persistent ? this.cow.label : undefined }, { durable: true }).catch(() => undefined);
   }
 
   /** Waits until no pending exception is left. */

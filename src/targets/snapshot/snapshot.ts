@@ -11,6 +11,7 @@ import type { TargetContext, TargetType } from '../../core/target-contract.js';
 import { findExceptionStoreType } from '../../stores/store-registry.js';
 import { originRegistry, snapshotKcopyd, snapshotStates } from './shared.js';
 import { SnapshotState } from './snapshot-state.js';
+import { exceptionsLoadedEvent, pinnedExceptions } from '../../replay/snapshot-hooks.js';
 
 export interface SnapshotInstance {
   readonly state: SnapshotState;
@@ -52,16 +53,22 @@ export async function snapshotCtr(targetName: string, args: readonly string[], c
   }
   const storeType = findExceptionStoreType(upper);
   const persistent = upper !== 'N';
+  const wal = persistent ? ctx.walFor(cow) : undefined;
+  // A read-only pool from `dmstate replay --into` pins the COW's exceptions as of the replayed point: they come from
+  // the pool, the store only reads the COW's header (read-only, no WAL), and nothing is written.
+  const pinned = wal?.pinned;
   const store = await storeType.create({
     cow: cow.device,
     chunkSizeSectors: chunkSizeSectors as Sector,
     overflow: upper === 'PO',
-    wal: persistent ? ctx.walFor(cow) : undefined,
+    wal: pinned ? undefined : wal,
+    readOnly: pinned !== undefined,
   });
   let state: SnapshotState;
   try {
-    const table: Array<[number, number]> = [];
+    let table: Array<[number, number]> = [];
     const meta = await storeType.readMetadata(store, (oldChunk, newChunk) => table.push([oldChunk, newChunk]));
+    if (pinned) table = await pinnedExceptions(wal!, cow.label, meta.chunkSizeSectors);
     state = new SnapshotState(
       ctx.mappedDeviceName,
       origin,
@@ -76,7 +83,13 @@ export async function snapshotCtr(targetName: string, args: readonly string[], c
       ctx,
     );
     for (const [o, n] of table) state.table.insert(o as never, n as never);
-    state.valid = meta.valid;
+    state.valid = pinned ? pinned.valid : meta.valid;
+    if (pinned) {
+      state.overflowed = pinned.overflowed;
+      state.pinned = true;
+    }
+    // The COW's state as loaded, for replay: it replaces what the log knew (the kernel may have written the COW).
+    if (persistent) void ctx.log.append(exceptionsLoadedEvent(cow.label, ctx.mappedDeviceName, state.chunkSizeSectors, state.valid, state.overflowed, table)).catch(() => undefined);
   } catch (err) {
     await storeType.close(store);
     throw err;
@@ -91,12 +104,35 @@ export async function snapshotCtr(targetName: string, args: readonly string[], c
 
 export async function snapshotDtr(inst: SnapshotInstance): Promise<void> {
   const s = inst.state;
+  if (s.owner === inst && s.generations > inst.generation + 1) {
+    // The owner goes while newer tables wait for its exceptions (a reload or snapshot-merge not resumed yet): as in
+    // Linux snapshot_dtr, their handover is cancelled. They stay Invalid; the COW stays as it is (checkpointed
+    // here), and origin writes stop copying into it, as for the kernel's inactive destination.
+    s.handoverCancelledBefore = s.generations;
+    s.active = false;
+    void inst.ctx.log.append({ type: 'snapshot.handover.cancelled', device: inst.ctx.mappedDeviceName, cow: s.cow.label }).catch(() => undefined);
+    if (s.valid && s.refs > 1) await s.checkpoint();
+  }
   if (--s.refs > 0) return;
   await s.drainPending();
   originRegistry(inst.ctx).unregisterSnapshot(s);
   snapshotStates(inst.ctx).delete(s.cow.device);
   if (s.valid) await s.checkpoint();
   await s.storeType.close(s.store);
+}
+
+/**
+ * `dmsetup status` of a snapshot or snapshot-merge table on a (possibly shared) snapshot state. The owner shows the
+ * state. A newer table that has not been resumed yet waits for the exception handover: the kernel has not read its
+ * store (snapshot_ctr sets its chunk size to 0 until the handover), so its usage reads `0/<COW sectors> 0` whatever
+ * the state of the snapshot it will take over (verified on Linux 6.1: a reloaded P, N or PO snapshot, one whose
+ * COW is full and Invalid, a snapshot-merge table loaded on the origin). An older table, handed over, is Invalid.
+ */
+export function snapshotStatus(inst: SnapshotInstance): string {
+  const s = inst.state;
+  if (s.owner === inst) return s.statusText();
+  if (inst.generation > s.ownerGeneration && inst.generation >= s.handoverCancelledBefore) return `0/${s.cow.device.sizeSectors} 0`;
+  return 'Invalid';
 }
 
 function snapshotMap(inst: SnapshotInstance, bio: Bio, ctx: TargetContext): 0 | 1 | 3 {
@@ -165,7 +201,7 @@ export const snapshotTarget: TargetType<SnapshotInstance> = Object.freeze({
   async postsuspend(inst: SnapshotInstance) {
     if (inst.state.valid) await inst.state.checkpoint();
   },
-  status: (inst: SnapshotInstance) => (inst.state.owner === inst ? inst.state.statusText() : 'Invalid'),
+  status: snapshotStatus,
   table: (inst: SnapshotInstance) => `${inst.state.origin.label} ${inst.state.cow.label} ${inst.state.storeType.tableCode(inst.state.store)}`,
 });
 

@@ -1,0 +1,281 @@
+/**
+ * `dmstate replay` (the pool's state as of a point in its log, its digest, optionally as a new pool) and
+ * `dmstate log compact` (drop the events a state snapshot covers).
+ */
+import * as path from 'node:path';
+import { DmError, isDmError } from '../../core/errors.js';
+import { parseUnsigned } from '../../core/parse-number.js';
+import { compactLog, type CompactResult } from '../../log/event-log.js';
+import { canonicalState, stateDigest } from '../../replay/digest.js';
+import { applyEvent, emptyPoolState, type MarkState, type PoolState } from '../../replay/pool-state.js';
+import { findMark, replay } from '../../replay/replay.js';
+import { writeReplayedPool, type WriteReplayedPoolResult } from '../../replay/write-pool.js';
+import { ControlClient } from '../control-client.js';
+import { openPoolDb, poolPaths } from '../pool.js';
+
+export const REPLAY_USAGE = `usage: dmstate replay [--pool DIR] [--to SEQ | --to-mark NAME] [--into DIR2 [--writable]]
+                      [--no-snapshots] [--json] [--state]
+
+Rebuilds the pool's state from its event log alone, as of event SEQ (inclusive), or of the newest mark NAME
+(dmstate dmsetup message DEV 0 mark NAME), or of the end of the log, and prints the sequence number reached,
+counts and the state's digest (sha256). The digest of a full replay equals the digest of the running pool's own
+state: a difference means the log is missing something.
+
+What a past state is: the METADATA as of that point — devices, their live and inactive tables, suspended or not,
+read-only or not, and each persistent snapshot's exceptions (which origin chunk is kept in which COW chunk),
+validity and overflow. The DATA files (origins, COW data chunks) are not in the log: they are today's. A replayed
+snapshot therefore reads today's COW chunks for the exceptions it had then, and today's origin elsewhere.
+
+  --to SEQ          replay up to event SEQ (dmstate log prints the sequence numbers)
+  --to-mark NAME    replay up to the newest mark of that name
+  --into DIR2       also write the state as a new pool in DIR2 (a folder that does not exist or is empty), ready
+                    for dmstate serve --pool DIR2. Read-only by default: every device is read-only, and each
+                    snapshot's exceptions are pinned to those of the replayed point (the COW's own metadata is not
+                    used; nothing is written to any file, no merge runs).
+  --writable        with --into: keep the devices' read-only flags and load the COWs as usual. Allowed only when
+                    every COW (a file) still holds a prefix of the replayed exceptions (true for the latest state);
+                    a COW that moved on is refused, naming it
+  --no-snapshots    fold every event from the first instead of starting at the newest state snapshot
+  --json            one JSON object
+  --state           also print the state itself (canonical JSON: devices, tables, exceptions as runs)
+
+With a daemon on the pool the events come through it; without one the pool's database is read directly (and
+its state snapshots make a long log quick).
+
+usage: dmstate log compact [--pool DIR] --before SEQ
+  Deletes the events up to the newest state snapshot at or before SEQ, and the older snapshots (the pool stores
+  one every 100000 events). Replay to an earlier point is impossible afterwards. Stop the daemon first.
+`;
+
+interface ReplayArgs {
+  pool: string;
+  toSeq?: number;
+  toMark?: string;
+  into?: string;
+  writable: boolean;
+  useSnapshots: boolean;
+  json: boolean;
+  printState: boolean;
+}
+
+function parseReplayArgs(pool: string, argv: readonly string[]): ReplayArgs | 'help' {
+  const a: ReplayArgs = { pool, writable: false, useSnapshots: true, json: false, printState: false };
+  const value = (i: number, opt: string): string => {
+    const v = argv[i + 1];
+    if (v === undefined || v.startsWith('--')) throw new DmError('DM_INVALID_ARGUMENT', `replay: ${opt} needs a value`);
+    return v;
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    switch (arg) {
+      case '--help':
+      case '-h':
+        return 'help';
+      case '--to':
+        a.toSeq = parseUnsigned(value(i++, '--to'), 'replay: --to', 'DM_INVALID_ARGUMENT');
+        break;
+      case '--to-mark':
+        a.toMark = value(i++, '--to-mark');
+        break;
+      case '--into':
+        a.into = value(i++, '--into');
+        break;
+      case '--writable':
+        a.writable = true;
+        break;
+      case '--no-snapshots':
+        a.useSnapshots = false;
+        break;
+      case '--json':
+        a.json = true;
+        break;
+      case '--state':
+        a.printState = true;
+        break;
+      default:
+        throw new DmError('DM_INVALID_ARGUMENT', `replay: unknown argument '${arg}' (dmstate replay --help)`);
+    }
+  }
+  if (a.toSeq !== undefined && a.toMark !== undefined) throw new DmError('DM_INVALID_ARGUMENT', 'replay: give --to or --to-mark, not both');
+  if (a.writable && a.into === undefined) throw new DmError('DM_INVALID_ARGUMENT', 'replay: --writable goes with --into');
+  return a;
+}
+
+interface Replayed {
+  readonly state: PoolState;
+  readonly mark?: MarkState;
+  readonly snapshotSeq: number;
+  readonly eventsApplied: number;
+  readonly via: 'database' | 'daemon';
+}
+
+/** Streams the daemon's stored log from #1, calling `onEvent` until it returns false. */
+async function streamLog(client: ControlClient, onEvent: (e: Parameters<typeof applyEvent>[1]) => boolean): Promise<void> {
+  let failure: unknown;
+  let first = true;
+  await client.stream({ op: 'log', follow: false }, (r) => {
+    if (r.op === 'end') return true;
+    if (r.op !== 'event' || failure !== undefined) return false;
+    try {
+      if (first && r.event.seq !== 1) {
+        throw new DmError('DM_INVALID_ARGUMENT', `replay: the log starts at #${r.event.seq} (compacted): stop the daemon to replay from the pool's state snapshots`);
+      }
+      first = false;
+      if (!onEvent(r.event)) failure = null; // done: ignore the rest of the stream
+    } catch (err) {
+      failure = err;
+    }
+    return false;
+  });
+  if (failure) throw failure;
+}
+
+/** Replay through a running daemon: its log stream from #1 (two passes for a mark: find it, then fold to it). */
+async function replayThroughDaemon(client: ControlClient, args: ReplayArgs): Promise<Replayed> {
+  let toSeq = args.toSeq ?? Number.MAX_SAFE_INTEGER;
+  let mark: MarkState | undefined;
+  if (args.toMark !== undefined) {
+    const marks = emptyPoolState();
+    await streamLog(client, (e) => {
+      if (e.type === 'mark') marks.marks.push({ name: e.name, device: e.device, seq: e.seq });
+      return true;
+    });
+    mark = findMark(marks, args.toMark);
+    toSeq = mark.seq;
+  }
+  const state = emptyPoolState();
+  let eventsApplied = 0;
+  await streamLog(client, (e) => {
+    if (e.seq > toSeq) return false;
+    applyEvent(state, e);
+    eventsApplied++;
+    return true;
+  });
+  return { state, mark, snapshotSeq: 0, eventsApplied, via: 'daemon' };
+}
+
+/** The state at the end of the log (through the daemon when one runs). */
+async function latestState(args: ReplayArgs): Promise<PoolState> {
+  const client = await connectIfServed(args.pool);
+  if (!client) return (await replay(args.pool)).state;
+  try {
+    return (await replayThroughDaemon(client, { ...args, toSeq: undefined, toMark: undefined })).state;
+  } finally {
+    client.close();
+  }
+}
+
+async function connectIfServed(pool: string): Promise<ControlClient | undefined> {
+  const paths = poolPaths(pool);
+  try {
+    return await ControlClient.connect(paths.controlSocket, paths.dir);
+  } catch (err) {
+    if (isDmError(err) && err.code === 'DM_NO_DAEMON') return undefined;
+    throw err;
+  }
+}
+
+function summary(state: PoolState): { devices: number; liveTables: number; suspended: number; cows: number; exceptions: number; marks: number } {
+  const canonical = canonicalState(state);
+  const devices = [...state.devices.values()];
+  return {
+    devices: devices.length,
+    liveTables: devices.filter((d) => d.live !== null).length,
+    suspended: devices.filter((d) => d.suspended).length,
+    cows: canonical.cows.length,
+    exceptions: canonical.cows.reduce((n, c) => n + (c.exceptions ?? 0), 0),
+    marks: state.marks.length,
+  };
+}
+
+export async function runReplay(pool: string, argv: readonly string[], out: NodeJS.WritableStream = process.stdout): Promise<number> {
+  const args = parseReplayArgs(pool, argv);
+  if (args === 'help') {
+    out.write(REPLAY_USAGE);
+    return 0;
+  }
+  const client = await connectIfServed(args.pool);
+  let r: Replayed;
+  if (client) {
+    try {
+      r = await replayThroughDaemon(client, args);
+    } finally {
+      client.close();
+    }
+  } else {
+    const res = await replay(args.pool, { toSeq: args.toSeq, toMark: args.toMark, useSnapshots: args.useSnapshots });
+    r = { state: res.state, mark: res.mark, snapshotSeq: res.snapshotSeq, eventsApplied: res.eventsApplied, via: 'database' };
+  }
+  const digest = stateDigest(r.state);
+  let into: WriteReplayedPoolResult | undefined;
+  if (args.into !== undefined) {
+    // --writable checks each COW against the end of the log: nothing may have happened to it since.
+    const latest = args.writable && (args.toSeq !== undefined || args.toMark !== undefined) ? await latestState(args) : r.state;
+    into = await writeReplayedPool(args.into, r.state, { sourcePool: args.pool, writable: args.writable, latest });
+  }
+  const s = summary(r.state);
+  const poolDir = path.resolve(args.pool);
+  if (args.json) {
+    out.write(
+      JSON.stringify({
+        pool: poolDir,
+        seq: r.state.seq,
+        mark: r.mark,
+        via: r.via,
+        snapshotSeq: r.snapshotSeq,
+        eventsApplied: r.eventsApplied,
+        ...s,
+        digest,
+        into: into && { dir: into.dir, readOnly: !args.writable, digest: into.digest, unknownCows: into.unknownCows },
+        state: args.printState ? canonicalState(r.state) : undefined,
+      }) + '\n',
+    );
+    return 0;
+  }
+  const target = r.mark ? `mark "${r.mark.name}" (#${r.mark.seq})` : args.toSeq !== undefined ? `#${args.toSeq}` : 'the end of the log';
+  const start = r.snapshotSeq > 0 ? `state snapshot #${r.snapshotSeq} + ${r.eventsApplied} events` : `${r.eventsApplied} events`;
+  out.write(
+    `replayed pool ${poolDir} to ${target}: at event #${r.state.seq} (${start}, read ${r.via === 'daemon' ? 'through the daemon' : 'from the database'})\n` +
+      `devices: ${s.devices} (${s.liveTables} with a live table, ${s.suspended} suspended)\n` +
+      `persistent snapshot COWs: ${s.cows} (${s.exceptions} exceptions)\n` +
+      `marks: ${s.marks}\n` +
+      `digest: ${digest}\n`,
+  );
+  if (into) {
+    out.write(
+      `wrote pool ${into.dir} (${args.writable ? 'writable' : 'read-only, exceptions pinned'}): ${into.devices} devices, ${into.cows} COWs; ` +
+        `digest ${into.digest}\nserve it with: dmstate serve --pool ${into.dir}\n`,
+    );
+    for (const c of into.unknownCows) out.write(`note: the log never saw COW ${c} loaded: it loads as it is today\n`);
+  }
+  if (args.printState) out.write(JSON.stringify(canonicalState(r.state), null, 2) + '\n');
+  return 0;
+}
+
+export async function runLogCompact(pool: string, argv: readonly string[], out: NodeJS.WritableStream = process.stdout): Promise<number> {
+  let before: number | undefined;
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === '--before') before = parseUnsigned(argv[++i] ?? '', 'log compact: --before', 'DM_INVALID_ARGUMENT');
+    else if (argv[i] === '--help' || argv[i] === '-h') {
+      out.write(REPLAY_USAGE);
+      return 0;
+    } else throw new DmError('DM_INVALID_ARGUMENT', `log compact: unknown argument '${argv[i]}'`);
+  }
+  if (before === undefined) throw new DmError('DM_INVALID_ARGUMENT', 'usage: dmstate log compact [--pool DIR] --before SEQ');
+  const paths = poolPaths(pool);
+  let db;
+  try {
+    db = await openPoolDb(paths, { create: false });
+  } catch (err) {
+    if (isDmError(err) && err.code === 'DM_POOL_LOCKED') throw new DmError('DM_POOL_LOCKED', `${err.message}: stop the daemon to compact its log`);
+    throw err;
+  }
+  let r: CompactResult;
+  try {
+    r = await compactLog(db, before);
+  } finally {
+    await db.close();
+  }
+  out.write(`compacted the log of ${paths.dir}: it starts from state snapshot #${r.snapshotSeq} (${r.eventsDeleted} events and ${r.snapshotsDeleted} older snapshots deleted)\n`);
+  return 0;
+}

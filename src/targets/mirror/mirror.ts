@@ -1,0 +1,157 @@
+/**
+ * `mirror <log_type> <#log_args> <log_args...> <#legs> <leg> <offset>... [<#features> <features>...]`: every write
+ * goes to every leg, reads to one (Linux dm-raid1's mirror_target, version 1.14.0). The region log (`core`,
+ * `disk`, or any type in src/dirty-logs/log-registry.ts) records which regions may differ between the legs so that
+ * after a crash or a leg's return only those are copied.
+ *
+ * Status and table are the kernel's, byte for byte, with device labels where the kernel prints major:minor:
+ *   status  2 LEG0 LEG1 <in sync>/<regions> 1 <health chars> <log status>      e.g. `2 a.img b.img 32/32 1 AA 1 core`
+ *   table   <log table> 2 LEG0 0 LEG1 0 [1 handle_errors]
+ *
+ * Messages (dmstate's; the kernel's mirror takes none): `readd <leg index | leg label>` re-adds a failed leg and
+ * resyncs what it missed; `resync-status` prints the resync state and counts; `resync-throttle <1..100>` sets the
+ * percentage of time the resync may copy.
+ */
+import type { Sector } from '../../block/units.js';
+import { MAP_HELD, type Bio } from '../../core/bio.js';
+import { DmError } from '../../core/errors.js';
+import type { DeviceRef, TargetContext, TargetType } from '../../core/target-contract.js';
+import { findDirtyLogType } from '../../dirty-logs/log-registry.js';
+import { KcopydClient } from '../../kcopyd/kcopyd.js';
+import { MirrorLeg } from './leg.js';
+import { MirrorSet } from './mirror-set.js';
+import { mapRead } from './read-path.js';
+import { parseMirrorTableArgs } from './table-args.js';
+import { startFlushGroup, startWriteGroup } from './write-group.js';
+
+export interface MirrorInstance {
+  readonly set: MirrorSet;
+}
+
+const mirrorKcopyd = (ctx: TargetContext): KcopydClient =>
+  ctx.shared('dm-mirror:kcopyd', () => new KcopydClient({ log: ctx.log, name: 'dm-mirror' }));
+
+async function mirrorCtr(args: readonly string[], ctx: TargetContext): Promise<MirrorInstance> {
+  const a = parseMirrorTableArgs(args);
+  const logType = findDirtyLogType(a.logTypeName);
+  if (!logType) throw new DmError('DM_TABLE_INVALID', `mirror: Error creating mirror dirty log: unknown log type "${a.logTypeName}"`);
+  const parsed = logType.parseArgs(a.logArgs);
+  const legs: MirrorLeg[] = [];
+  for (const [i, l] of a.legs.entries()) {
+    const ref = await ctx.openDevice(l.spec);
+    if (l.offsetSectors + ctx.lengthSectors > ref.device.sizeSectors) {
+      throw new DmError('DM_TABLE_INVALID', `mirror: ${ref.label} too small for target: offset ${l.offsetSectors} + len ${ctx.lengthSectors} > dev_size ${ref.device.sizeSectors}`);
+    }
+    legs.push(new MirrorLeg(i, ref.device, ref.label, l.offsetSectors as Sector));
+  }
+  let logRef: DeviceRef | undefined;
+  if (parsed.logPath !== undefined) logRef = await ctx.openDevice(parsed.logPath);
+  // The log's flushLegs needs the set, which needs the log: the callback looks the set up when it runs.
+  const holder: { set?: MirrorSet } = {};
+  const log: unknown = await logType.create({
+    targetSizeSectors: ctx.lengthSectors,
+    regionSizeSectors: parsed.regionSizeSectors,
+    initialSync: parsed.initialSync,
+    logDevice: logRef?.device,
+    logDeviceLabel: logRef?.label,
+    extra: parsed.extra,
+    clock: ctx.clock,
+    flushLegs: () => holder.set!.flushAllLegs(),
+  });
+  let set: MirrorSet;
+  try {
+    set = new MirrorSet({
+      ctx,
+      legs,
+      logType,
+      log,
+      regionSizeSectors: parsed.regionSizeSectors,
+      handleErrors: a.handleErrors,
+      keepLog: a.keepLog,
+      kcopyd: mirrorKcopyd(ctx),
+    });
+  } catch (err) {
+    await logType.close(log);
+    throw err;
+  }
+  holder.set = set;
+  // No bio crosses a region (Linux dm_set_target_max_io_len(ti, region_size)).
+  ctx.setMaxIoSectors(parsed.regionSizeSectors);
+  return { set };
+}
+
+function findLeg(set: MirrorSet, spec: string): MirrorLeg {
+  const byIndex = /^[0-9]+$/.test(spec) ? set.legs[Number(spec)] : undefined;
+  const leg = byIndex ?? set.legs.find((l) => l.label === spec);
+  if (!leg) throw new DmError('DM_INVALID_ARGUMENT', `mirror: no leg ${spec} (an index from 0 to ${set.legs.length - 1}, or a leg's device as the table shows it)`);
+  return leg;
+}
+
+async function mirrorMessage(inst: MirrorInstance, args: readonly string[]): Promise<string> {
+  const set = inst.set;
+  switch (args[0]) {
+    case 'readd': {
+      if (args.length !== 2) throw new DmError('DM_INVALID_ARGUMENT', 'mirror: usage: readd <leg index | leg device>');
+      await set.readdLeg(findLeg(set, args[1]));
+      return '';
+    }
+    case 'resync-status': {
+      if (args.length !== 1) throw new DmError('DM_INVALID_ARGUMENT', 'mirror: usage: resync-status');
+      const p = set.resync.progress();
+      return (
+        `state=${p.state} regions_in_sync=${p.regionsInSync} regions_total=${p.regionsTotal} regions_copied=${p.regionsCopied} ` +
+        `run_regions_copied=${p.runRegionsCopied} run_ms=${Math.round(p.runElapsedMs)} throttle=${p.throttlePercent} default_leg=${set.defaultLegIndex} health=${set.healthChars()}\n`
+      );
+    }
+    case 'resync-throttle': {
+      const n = args.length === 2 && /^[0-9]+$/.test(args[1]) ? Number(args[1]) : NaN;
+      if (!(n >= 1 && n <= 100)) throw new DmError('DM_INVALID_ARGUMENT', 'mirror: usage: resync-throttle <percent from 1 to 100>');
+      set.resync.throttlePercent = n;
+      return '';
+    }
+    default:
+      throw new DmError('DM_UNKNOWN_COMMAND', `mirror: unknown message ${args[0] ?? ''} (readd, resync-status, resync-throttle)`);
+  }
+}
+
+export const mirrorTarget: TargetType<MirrorInstance> = Object.freeze({
+  name: 'mirror',
+  version: [1, 14, 0] as const,
+  argCountMin: 2,
+  argCountMax: 64,
+  ctr: mirrorCtr,
+  async dtr(inst: MirrorInstance) {
+    const s = inst.set;
+    await s.resync.stop();
+    s.cancelClean();
+    await s.logType.close(s.log);
+  },
+  map(inst: MirrorInstance, bio: Bio, ctx: TargetContext) {
+    const s = inst.set;
+    if (bio.op === 'read') return mapRead(s, bio, ctx);
+    if (bio.op === 'flush') startFlushGroup(s, bio, ctx);
+    else startWriteGroup(s, bio, ctx);
+    return MAP_HELD;
+  },
+  status: (inst: MirrorInstance) => inst.set.statusText(),
+  table: (inst: MirrorInstance) => inst.set.tableText(),
+  message: mirrorMessage,
+  async postsuspend(inst: MirrorInstance) {
+    const s = inst.set;
+    if (s.suspended) return;
+    s.suspended = true;
+    await s.resync.stop();
+    s.cancelClean();
+    if (s.logType.suspend) await s.logType.suspend(s.log);
+    else await s.logType.flush(s.log).catch(() => undefined);
+  },
+  async resume(inst: MirrorInstance) {
+    const s = inst.set;
+    if (!s.suspended) return;
+    if (s.logType.resume) await s.logType.resume(s.log);
+    s.suspended = false;
+    s.resumedOnce = true;
+    s.inSync = false;
+    s.resync.start();
+  },
+});
