@@ -4,7 +4,9 @@
  * (a) write throughput, 4 KiB random writes at queue depth 1 and 16 and 64 KiB sequential writes at queue depth 4,
  *     through: a linear device over one file (the reference), a 2-leg mirror with a core log (no log I/O), with a
  *     disk log on a separate file, and with the disk log on the same file as leg 0 (seed 002: an intent log on the
- *     same spindle as the data costs 5–10× on a disk; on a page-cached file it is the fdatasync that costs).
+ *     same spindle as the data costs 5–10× on a disk; on a page-cached file it is the fdatasync that costs), and the
+ *     same two placements with an md write-intent bitmap (chunk = region, daemon sleep 5 s: a chunk's bit, once set,
+ *     stays set while writes keep coming, so a random workload over the device pays the bitmap write once per chunk).
  * (b) resync time after a crash left 1% of the regions dirty in a disk log, against a full resync (`sync`) of the
  *     same mirror. Target: ≤ 2% of the full resync's time.
  */
@@ -69,6 +71,12 @@ const VARIANTS: readonly Variant[] = [
   {
     name: 'mirror, disk log on leg 0 file',
     table: (d) => `0 ${LEG_SECTORS} mirror disk 3 ${d}/a.img ${REGION_SECTORS} nosync 2 ${d}/a.img ${SHARED_LOG_OFFSET_SECTORS} ${d}/b.img 0`,
+  },
+  // The md write-intent bitmap (issue 7's "bitmap"): chunk = region, daemon sleep 5 s, `nosync` (legs start equal).
+  { name: 'mirror, md bitmap on its own file', table: (d) => `0 ${LEG_SECTORS} mirror md-bitmap 4 ${d}/log.img ${REGION_SECTORS} 5 nosync 2 ${d}/a.img 0 ${d}/b.img 0` },
+  {
+    name: 'mirror, md bitmap on leg 0 file',
+    table: (d) => `0 ${LEG_SECTORS} mirror md-bitmap 6 ${d}/a.img ${REGION_SECTORS} 5 nosync offset 0 2 ${d}/a.img ${SHARED_LOG_OFFSET_SECTORS} ${d}/b.img 0`,
   },
 ];
 
