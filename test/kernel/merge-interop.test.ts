@@ -38,6 +38,7 @@ import { poolPaths } from '../../src/frontends/pool.js';
 import { mergeFinishCommands, mergeSwitch, mergeSwitchCommands, mergedOriginTable } from '../../src/frontends/cli/merge.js';
 import { ensureKernel, kernelSkipRequested, runKernelJob } from './kernel-vm.js';
 import { craftCow, mergeStatusSequence, parseUsage, snapshotImage, writeData } from '../targets/merge-cow.js';
+import { run, type RunResult, show, startDaemon as startServe, stopDaemon } from '../helpers/process.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CLI = path.join(ROOT, 'bin/dmstate.js');
@@ -308,61 +309,10 @@ function parseSections(output: string): Sections {
 
 // ---- the dmstate side -------------------------------------------------------------------------------------------
 
-interface RunResult {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-function run(cmd: string, args: readonly string[], timeoutMs = 60_000): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
-    child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-const show = (r: RunResult): string => `exit ${r.code}\nstdout: ${r.stdout.slice(-2000)}\nstderr: ${r.stderr.slice(-2000)}`;
 
 let daemonStderr = '';
 
-function startDaemon(pool: string): Promise<ChildProcess> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, 'serve', '--pool', pool], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    const timer = setTimeout(() => reject(new Error(`dmstate serve did not start in 15 s: ${stderr}`)), 15_000);
-    child.stderr!.setEncoding('utf8').on('data', (c: string) => {
-      stderr += c;
-      daemonStderr += c;
-      if (stderr.includes('serving pool')) {
-        clearTimeout(timer);
-        resolve(child);
-      }
-    });
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`dmstate serve exited ${code}: ${stderr}`));
-    });
-  });
-}
-
-async function stopDaemon(child: ChildProcess): Promise<number | null> {
-  if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
-  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
-  const code = await exited;
-  clearTimeout(timer);
-  return code;
-}
+const startDaemon = (pool: string): Promise<ChildProcess> => startServe(CLI, pool, (c) => (daemonStderr += c));
 
 async function dmstateRun(pool: string, devs: Readonly<Record<string, string>>, steps: readonly Step[], ops: readonly WriteOp[], scratch: string, timeoutMs = 60_000): Promise<Sections> {
   const sock = path.join(pool, 'nbd.sock');

@@ -24,13 +24,14 @@
  * cannot be set up the test fails with the reason, unless DMSTATE_SKIP_KERNEL=1. DMSTATE_KEEP_TMP=1 keeps the
  * images (the folder is printed) for a look with hexdump.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { ensureKernel, kernelSkipRequested, runKernelJob } from './kernel-vm.js';
+import { run, startDaemon as startServe, stopDaemon } from '../helpers/process.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CLI = path.join(ROOT, 'bin/dmstate.js');
@@ -252,61 +253,10 @@ function parseSections(output: string): Sections {
 
 // ---- processes --------------------------------------------------------------------------------------------------
 
-interface RunResult {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-function run(cmd: string, args: readonly string[], timeoutMs = 60_000): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
-    child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
 /** What the daemons printed (a crash report, if one crashed). */
 let daemonStderr = '';
 
-function startDaemon(pool: string): Promise<ChildProcess> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, 'serve', '--pool', pool], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    const timer = setTimeout(() => reject(new Error(`dmstate serve did not start in 15 s: ${stderr}`)), 15_000);
-    child.stderr!.setEncoding('utf8').on('data', (c: string) => {
-      stderr += c;
-      daemonStderr += c;
-      if (stderr.includes('serving pool')) {
-        clearTimeout(timer);
-        resolve(child);
-      }
-    });
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`dmstate serve exited ${code}: ${stderr}`));
-    });
-  });
-}
-
-/** SIGTERM (a clean shutdown), then the exit code; SIGKILL after 20 s. */
-async function stopDaemon(child: ChildProcess): Promise<number | null> {
-  if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
-  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
-  const code = await exited;
-  clearTimeout(timer);
-  return code;
-}
+const startDaemon = (pool: string): Promise<ChildProcess> => startServe(CLI, pool, (c) => (daemonStderr += c));
 
 /** Runs the steps on dmstate through the CLI; writes and reads through NBD with qemu-io / qemu-img. */
 async function dmstateRun(pool: string, devs: Readonly<Record<string, string>>, steps: readonly Step[], ops: readonly WriteOp[], scratch: string): Promise<Sections> {

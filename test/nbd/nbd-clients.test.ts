@@ -10,6 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { run as runWithTimeout, show as showRun, type RunResult } from '../helpers/process.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CLI = path.join(ROOT, 'bin/dmstate.js');
@@ -17,30 +18,8 @@ const TOOLS = ['qemu-io', 'qemu-img', 'nbdinfo', 'nbdcopy', 'fio'];
 const MiB = 1024 * 1024;
 const LIN_BYTES = 64 * MiB;
 
-interface RunResult {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-/** Runs a command to completion (killed after `timeoutMs`). */
-function run(cmd: string, args: readonly string[], timeoutMs = 30_000): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
-    child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-const show = (r: RunResult): string => `exit ${r.code}\nstdout: ${r.stdout.slice(-3000)}\nstderr: ${r.stderr.slice(-3000)}`;
+const run = (cmd: string, args: readonly string[], timeoutMs = 30_000): Promise<RunResult> => runWithTimeout(cmd, args, timeoutMs);
+const show = (r: RunResult): string => showRun(r, 3000);
 
 /** A small seeded PRNG (mulberry32): the same workload every run. */
 function rng(seed: number): () => number {

@@ -20,7 +20,7 @@
  *
  * Reproduce one in-process run with MERGE_CRASH_SEED=N npx vitest run test/targets/merge-crash.test.ts.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -36,6 +36,7 @@ import type { LevelDb } from '../../src/log/event-log.js';
 import type { SnapshotInstance } from '../../src/targets/snapshot/snapshot.js';
 import { ControlClient } from '../../src/frontends/control-client.js';
 import { SECTOR, craftCow, decodeSector, firstDifference, snapshotImage, writeData, type RecordOrder } from './merge-cow.js';
+import { run, type RunResult, show, startKillableDaemon, type KillableDaemon as Daemon } from '../helpers/process.js';
 
 const CHUNK = 8;
 const FENCE: FaultyErrorRule[] = [{ op: 'read' }, { op: 'write' }, { op: 'flush' }, { op: 'discard' }];
@@ -394,35 +395,6 @@ describe('snapshot-merge crash consistency (in process, power cut at a seeded I/
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CLI = path.join(ROOT, 'bin/dmstate.js');
 
-interface RunResult {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-function run(cmd: string, args: readonly string[], timeoutMs = 60_000): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
-    child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-const show = (r: RunResult): string => `exit ${r.code}\nstdout: ${r.stdout.slice(-2000)}\nstderr: ${r.stderr.slice(-2000)}`;
-
-interface Daemon {
-  readonly child: ChildProcess;
-  stderr: string;
-  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
 
 describe('snapshot-merge through the real daemon: SIGKILL mid-merge, restart, dmstate merge finishes it', () => {
   let dir = '';
@@ -436,15 +408,8 @@ describe('snapshot-merge through the real daemon: SIGKILL mid-merge, restart, dm
   const RECORDS = 10000;
 
   async function serve(): Promise<Daemon> {
-    const child = spawn(process.execPath, [CLI, 'serve', '--pool', pool], { stdio: ['ignore', 'ignore', 'pipe'] });
-    const d: Daemon = { child, stderr: '', exited: new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal }))) };
+    const d = await startKillableDaemon(CLI, pool);
     daemons.push(d);
-    child.stderr!.setEncoding('utf8').on('data', (c: string) => (d.stderr += c));
-    let exited = false;
-    void d.exited.then(() => (exited = true));
-    const until = performance.now() + 15_000;
-    while (!d.stderr.includes('serving pool') && !exited && performance.now() < until) await sleep(20);
-    if (!d.stderr.includes('serving pool')) throw new Error(`dmstate serve did not start: ${d.stderr}`);
     return d;
   }
 

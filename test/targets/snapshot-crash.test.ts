@@ -20,7 +20,7 @@
  *
  * Reproduce one in-process run with CRASH_SEED=N npx vitest run test/targets/snapshot-crash.test.ts.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -34,6 +34,9 @@ import { sectors, type Sector } from '../../src/block/units.js';
 import { createRng } from '../../src/core/rng.js';
 import type { LevelDb } from '../../src/log/event-log.js';
 import type { SnapshotInstance } from '../../src/targets/snapshot/snapshot.js';
+import { run as runWithTimeout, type RunResult, show, startKillableDaemon, type KillableDaemon as Daemon } from '../helpers/process.js';
+
+const run = (cmd: string, args: readonly string[], timeoutMs = 20_000): Promise<RunResult> => runWithTimeout(cmd, args, timeoutMs);
 
 const SECTOR = 512;
 const FENCE: FaultyErrorRule[] = [{ op: 'read' }, { op: 'write' }, { op: 'flush' }, { op: 'discard' }];
@@ -465,35 +468,6 @@ const CLI = path.join(ROOT, 'bin/dmstate.js');
 const KiB = 1024;
 const MiB = 1024 * 1024;
 
-interface RunResult {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-function run(cmd: string, args: readonly string[], timeoutMs = 20_000): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (c: string) => (stdout += c));
-    child.stderr.setEncoding('utf8').on('data', (c: string) => (stderr += c));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-const show = (r: RunResult): string => `exit ${r.code}\nstdout: ${r.stdout.slice(-2000)}\nstderr: ${r.stderr.slice(-2000)}`;
-
-interface Daemon {
-  readonly child: ChildProcess;
-  stderr: string;
-  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
 
 describe('snapshot through the real daemon: SIGKILL while qemu-io writes, then restart', () => {
   let dir = '';
@@ -504,15 +478,8 @@ describe('snapshot through the real daemon: SIGKILL while qemu-io writes, then r
   const pat = (p: number): string => `0x${p.toString(16)}`;
 
   async function serve(): Promise<Daemon> {
-    const child = spawn(process.execPath, [CLI, 'serve', '--pool', pool], { stdio: ['ignore', 'ignore', 'pipe'] });
-    const d: Daemon = { child, stderr: '', exited: new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal }))) };
+    const d = await startKillableDaemon(CLI, pool);
     daemons.push(d);
-    child.stderr!.setEncoding('utf8').on('data', (c: string) => (d.stderr += c));
-    let exited = false;
-    void d.exited.then(() => (exited = true));
-    const until = performance.now() + 15_000;
-    while (!d.stderr.includes('serving pool') && !exited && performance.now() < until) await new Promise((r) => setTimeout(r, 20));
-    if (!d.stderr.includes('serving pool')) throw new Error(`dmstate serve did not start: ${d.stderr}`);
     return d;
   }
 
