@@ -12,6 +12,11 @@
  * Pieces and jobs step the compiled machines of machines/kcopyd.ts (a state index in a plain object, as Bio
  * does); this file counts pieces and error bits and sends ALL_PIECES_DONE.
  *
+ * Scatter copies (copyScatter; not in Linux): one source region cut into consecutive segments, each written to a
+ * place of its own — so that a merge reads runs that lie side by side on the COW with one read per piece instead of
+ * one per run. A piece writes every segment it overlaps (the matching slice of its buffer); writeErrorMask has one
+ * bit per segment.
+ *
  * Errors (Linux semantics): a failed read or a failed write stops the job from starting new pieces, unless
  * `ignoreError`; pieces already in flight finish. A piece whose read failed writes nothing (Linux with
  * IGNORE_ERROR would write the buffer anyway; here READING --READ_ERROR--> DONE). Pieces of a job may land in any
@@ -71,6 +76,17 @@ export interface KcopydRegion {
   readonly lengthSectors: Sector;
 }
 
+/** Segments of one scatter copy at most; writeErrorMask has one bit per segment (bit 31 makes it negative). */
+export const KCOPYD_SEGMENTS_MAX = 32;
+
+/** Where one part of a scatter copy's source goes: source sectors [sourceOffsetSectors, +lengthSectors) to `sector`. */
+export interface KcopydSegment {
+  readonly device: BlockDevice;
+  readonly sector: Sector;
+  readonly sourceOffsetSectors: Sector;
+  readonly lengthSectors: Sector;
+}
+
 export interface KcopydCopyOptions {
   /** Keep starting pieces after a read or write error (Linux DM_KCOPYD_IGNORE_ERROR). */
   readonly ignoreError?: boolean;
@@ -122,7 +138,10 @@ export class KcopydJob {
     readonly id: number,
     /** undefined for a zero job. */
     readonly source: KcopydRegion | undefined,
+    /** Every destination takes the whole source (copy, zero); empty for a scatter copy. */
     readonly destinations: readonly KcopydRegion[],
+    /** A scatter copy's segments, in source order, covering the source; empty otherwise. */
+    readonly segments: readonly KcopydSegment[],
     readonly lengthSectors: Sector,
     readonly ignoreError: boolean,
     readonly jobDone: KcopydCallback,
@@ -240,6 +259,31 @@ export class KcopydClient {
     return this.jobStart(source, destinations, options, copyDone);
   }
 
+  /**
+   * Copies `source` in pieces to the segments: 1 to KCOPYD_SEGMENTS_MAX, in source order, consecutive and covering
+   * the source exactly (segment i's sourceOffsetSectors is where segment i−1 ends; the first starts at 0, the last
+   * ends at the source's length). writeErrorMask bit i: a write to segment i failed. Errors as copy().
+   */
+  copyScatter(source: KcopydRegion, segments: readonly KcopydSegment[], options: KcopydCopyOptions, copyDone: KcopydCallback): KcopydJob {
+    this.regionCheck('source', source, source.lengthSectors);
+    if (segments.length < 1 || segments.length > KCOPYD_SEGMENTS_MAX) {
+      throw new DmError('DM_INVALID_ARGUMENT', `${this.name}: a scatter copy takes 1 to ${KCOPYD_SEGMENTS_MAX} segments, got ${segments.length}`);
+    }
+    let offsetSectors = 0;
+    for (let i = 0; i < segments.length; i++) {
+      const seg = segments[i];
+      if (seg.sourceOffsetSectors !== offsetSectors || !(seg.lengthSectors >= 1)) {
+        throw new DmError('DM_INVALID_ARGUMENT', `${this.name}: segment ${i} covers source sectors [${seg.sourceOffsetSectors}, +${seg.lengthSectors}); segments must be non-empty, in order and consecutive from ${offsetSectors}`);
+      }
+      this.regionCheck(`segment ${i}`, seg, seg.lengthSectors);
+      offsetSectors += seg.lengthSectors;
+    }
+    if (offsetSectors !== source.lengthSectors) {
+      throw new DmError('DM_INVALID_ARGUMENT', `${this.name}: segments cover ${offsetSectors} of the source's ${source.lengthSectors} sectors`);
+    }
+    return this.jobCreate(source, [], segments.slice(), source.lengthSectors, options, copyDone);
+  }
+
   /** Writes zeroes to every destination (1 to 8, all of the same length). As copy() otherwise. */
   zero(destinations: readonly KcopydRegion[], options: KcopydCopyOptions, zeroDone: KcopydCallback): KcopydJob {
     return this.jobStart(undefined, destinations, options, zeroDone);
@@ -249,6 +293,13 @@ export class KcopydClient {
   copyAsync(source: KcopydRegion, destinations: readonly KcopydRegion[], options: KcopydCopyOptions = {}): Promise<KcopydResult> {
     return new Promise((resolve) => {
       this.copy(source, destinations, options, (readError, writeErrorMask) => resolve({ readError, writeErrorMask }));
+    });
+  }
+
+  /** copyScatter() as a promise; argument errors reject. */
+  copyScatterAsync(source: KcopydRegion, segments: readonly KcopydSegment[], options: KcopydCopyOptions = {}): Promise<KcopydResult> {
+    return new Promise((resolve) => {
+      this.copyScatter(source, segments, options, (readError, writeErrorMask) => resolve({ readError, writeErrorMask }));
     });
   }
 
@@ -273,16 +324,27 @@ export class KcopydClient {
   }
 
   private jobStart(source: KcopydRegion | undefined, destinations: readonly KcopydRegion[], options: KcopydCopyOptions, jobDone: KcopydCallback): KcopydJob {
-    if (this.closed) throw new DmError('DM_CLOSED', `${this.name}: client is closed`);
     if (destinations.length < 1 || destinations.length > KCOPYD_DESTINATIONS_MAX) {
       throw new DmError('DM_INVALID_ARGUMENT', `${this.name}: a job takes 1 to ${KCOPYD_DESTINATIONS_MAX} destinations, got ${destinations.length}`);
     }
     const lengthSectors = source !== undefined ? source.lengthSectors : destinations[0].lengthSectors;
     for (let i = 0; i < destinations.length; i++) this.regionCheck(`destination ${i}`, destinations[i], lengthSectors);
+    return this.jobCreate(source, destinations.slice(), [], lengthSectors, options, jobDone);
+  }
+
+  private jobCreate(
+    source: KcopydRegion | undefined,
+    destinations: readonly KcopydRegion[],
+    segments: readonly KcopydSegment[],
+    lengthSectors: Sector,
+    options: KcopydCopyOptions,
+    jobDone: KcopydCallback,
+  ): KcopydJob {
+    if (this.closed) throw new DmError('DM_CLOSED', `${this.name}: client is closed`);
     assert(typeof jobDone === 'function', `${this.name}: a job needs a callback`);
     assert(this.jobsInFlight < KCOPYD_JOBS_IN_FLIGHT_MAX, `${this.name}: over ${KCOPYD_JOBS_IN_FLIGHT_MAX} jobs in flight`);
 
-    const job = new KcopydJob(this.nextJobId++, source, destinations.slice(), lengthSectors, options.ignoreError === true, jobDone);
+    const job = new KcopydJob(this.nextJobId++, source, destinations, segments, lengthSectors, options.ignoreError === true, jobDone);
     this.jobsInFlight++;
     this.jobStep(job, KCOPYD_JOB_EVENT.RUN);
     this.jobFill(job);
@@ -338,7 +400,7 @@ export class KcopydClient {
       state: KCOPYD_JOB_MACHINE.stateNames[job.state],
       sourceSector: job.source?.sector,
       lengthSectors: job.lengthSectors,
-      destinations: job.destinations.length,
+      destinations: job.destinations.length + job.segments.length,
       readError: complete ? job.readError : undefined,
       writeErrorMask: complete ? job.writeErrorMask : undefined,
     };
@@ -436,14 +498,38 @@ export class KcopydClient {
     this.pieceWrite(piece);
   }
 
-  /** A piece in WRITING: writes `data` to every destination at once. */
+  /** A piece in WRITING: writes `data` to every destination (or the segments it overlaps) at once. */
   private pieceWrite(piece: KcopydPiece): void {
+    if (piece.job.segments.length > 0) return this.pieceWriteSegments(piece);
     const destinations = piece.job.destinations;
     piece.writesPendingCount = destinations.length;
     // Bounded by KCOPYD_DESTINATIONS_MAX.
     for (let i = 0; i < destinations.length; i++) {
       const d = destinations[i];
       d.device.write(sectors(d.sector + piece.offsetSectors), piece.data).then(
+        () => this.pieceWriteDone(piece, i, false),
+        () => this.pieceWriteDone(piece, i, true),
+      );
+    }
+  }
+
+  /** A scatter piece: each segment it overlaps gets its slice of the piece's data. */
+  private pieceWriteSegments(piece: KcopydPiece): void {
+    const segments = piece.job.segments;
+    const pieceStart = piece.offsetSectors;
+    const pieceEnd = pieceStart + piece.lengthSectors;
+    // The segments are consecutive from 0: the overlapping ones form one range, found from both ends (≤ 32).
+    let first = 0;
+    while (segments[first].sourceOffsetSectors + segments[first].lengthSectors <= pieceStart) first++;
+    let last = first;
+    while (last + 1 < segments.length && segments[last + 1].sourceOffsetSectors < pieceEnd) last++;
+    piece.writesPendingCount = last - first + 1;
+    for (let i = first; i <= last; i++) {
+      const seg = segments[i];
+      const from = Math.max(pieceStart, seg.sourceOffsetSectors);
+      const to = Math.min(pieceEnd, seg.sourceOffsetSectors + seg.lengthSectors);
+      const data = piece.data.subarray(sectorsToBytes(sectors(from - pieceStart)), sectorsToBytes(sectors(to - pieceStart)));
+      seg.device.write(sectors(seg.sector + from - seg.sourceOffsetSectors), data).then(
         () => this.pieceWriteDone(piece, i, false),
         () => this.pieceWriteDone(piece, i, true),
       );

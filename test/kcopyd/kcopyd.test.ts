@@ -13,9 +13,11 @@ import {
   KCOPYD_JOB_STATE,
   KCOPYD_PIECE_MACHINE,
   KCOPYD_PIECE_STATE,
+  KCOPYD_SEGMENTS_MAX,
   KcopydClient,
   type KcopydObserver,
   type KcopydRegion,
+  type KcopydSegment,
 } from '../../src/kcopyd/kcopyd.js';
 import { EventLog } from '../../src/log/event-log.js';
 import type { LoggedEvent } from '../../src/log/events.js';
@@ -282,6 +284,108 @@ describe('KcopydClient copy', () => {
     const pieceBytes = PIECE_SECTORS * 512;
     expect(isZero(got2.subarray(4 * pieceBytes, 5 * pieceBytes))).toBe(true);
     expect(got2.subarray(5 * pieceBytes).equals(expected.subarray(5 * pieceBytes))).toBe(true);
+  });
+});
+
+describe('KcopydClient copyScatter (one source read, consecutive segments written to places of their own)', () => {
+  /** Cuts [0, total) at `cuts` into segments, each sent to its own device at its own sector (a seeded layout). */
+  function layout(total: number, cuts: number[], dsts: MemoryBlockDevice[]): KcopydSegment[] {
+    const bounds = [0, ...cuts, total];
+    return bounds.slice(1).map((end, i) => ({
+      device: dsts[i % dsts.length],
+      // Far apart and out of order on the destinations: segment i lands at 3 × (count − i) × 1000 sectors.
+      sector: sectors(3 * (bounds.length - 1 - i) * 1000),
+      sourceOffsetSectors: sectors(bounds[i]),
+      lengthSectors: sectors(end - bounds[i]),
+    }));
+  }
+
+  test('segments crossing piece boundaries, inside one piece, and piece-sized: every byte lands where its segment says, nothing else written', async () => {
+    const src = await patternDevice(DEVICE_SECTORS, 21);
+    const dsts = memDevices(2, sectors(40_000));
+    // 7 segments over the 10 pieces + 37 sectors: one inside piece 0, one crossing 0/1, one exactly piece 2, a long
+    // one over pieces 3..8, two small ones in piece 9, the tail.
+    const cuts = [300, 1500, 2048, 3072, 9300, 9400];
+    const segs = layout(LENGTH_SECTORS, cuts, dsts);
+    const kc = new KcopydClient();
+    const { transitions, observer } = recorder();
+    kc.observer = observer;
+    const result = await kc.copyScatterAsync(region(src, SRC_SECTOR), segs);
+    expect(result).toEqual({ readError: false, writeErrorMask: 0 });
+    const expected = bytesOf(src, SRC_SECTOR, LENGTH_SECTORS);
+    const want = dsts.map((d) => Buffer.alloc(d.snapshotBytes().length));
+    for (const g of segs) {
+      const part = expected.subarray(g.sourceOffsetSectors * 512, (g.sourceOffsetSectors + g.lengthSectors) * 512);
+      part.copy(want[dsts.indexOf(g.device as MemoryBlockDevice)], g.sector * 512);
+    }
+    for (let i = 0; i < dsts.length; i++) expect(dsts[i].snapshotBytes().equals(want[i]), `destination ${i}`).toBe(true);
+    // One read per piece, as a plain copy: 11 pieces, each READING once.
+    expect(transitions.filter((t) => t.kind === 'piece' && t.event === 'READ').length).toBe(PIECE_COUNT);
+    expect(kc.jobsInFlightCount).toBe(0);
+    expect(kc.buffersFreeCount).toBe(kc.bufferPoolPieces);
+    await kc.close();
+  });
+
+  test('32 single-sector segments (the limit) and one segment; 33, gaps, overlaps, short or long cover and out-of-range places are refused', async () => {
+    const src = await patternDevice(sectors(2048), 2);
+    const dst = memDevices(1, sectors(2048))[0];
+    const kc = new KcopydClient();
+    const done = (): void => {
+      throw new Error('callback of a rejected job ran');
+    };
+    const seg = (sourceOffsetSectors: number, lengthSectors: number, sector = 1000 + sourceOffsetSectors * 2): KcopydSegment => ({
+      device: dst,
+      sector: sectors(sector),
+      sourceOffsetSectors: sectors(sourceOffsetSectors),
+      lengthSectors: sectors(lengthSectors),
+    });
+    const n = KCOPYD_SEGMENTS_MAX;
+    const ones = Array.from({ length: n }, (_, i) => seg(i, 1));
+    expect(await kc.copyScatterAsync(region(src, sectors(100), sectors(n)), ones)).toEqual({ readError: false, writeErrorMask: 0 });
+    for (let i = 0; i < n; i++) expect(bytesOf(dst, 1000 + 2 * i, 1).equals(bytesOf(src, 100 + i, 1)), `segment ${i}`).toBe(true);
+    expect(isZero(bytesOf(dst, 1001, 1))).toBe(true); // between two segments' places
+    const len = sectors(64);
+    const bad: Array<[string, KcopydSegment[], string]> = [
+      ['33 segments', Array.from({ length: n + 1 }, (_, i) => seg(i, 1)), 'DM_INVALID_ARGUMENT'],
+      ['no segment', [], 'DM_INVALID_ARGUMENT'],
+      ['a gap', [seg(0, 10), seg(12, 52)], 'DM_INVALID_ARGUMENT'],
+      ['an overlap', [seg(0, 10), seg(8, 56)], 'DM_INVALID_ARGUMENT'],
+      ['not from 0', [seg(2, 62)], 'DM_INVALID_ARGUMENT'],
+      ['short of the source', [seg(0, 10), seg(10, 50)], 'DM_INVALID_ARGUMENT'],
+      ['past the source', [seg(0, 10), seg(10, 60)], 'DM_INVALID_ARGUMENT'],
+      ['an empty segment', [seg(0, 10), seg(10, 0), seg(10, 54)], 'DM_INVALID_ARGUMENT'],
+      ['a place past the end', [seg(0, 10), seg(10, 54, 2000)], 'DM_IO_RANGE'],
+    ];
+    for (const [what, segs, code] of bad) {
+      let caught: unknown;
+      try {
+        kc.copyScatter(region(src, sectors(0), len), segs, {}, done);
+      } catch (err) {
+        caught = err;
+      }
+      expect((caught as DmError | undefined)?.code, what).toBe(code);
+    }
+    expect(kc.jobsInFlightCount).toBe(0);
+    await kc.close();
+    expectCode(() => kc.copyScatter(region(src, sectors(0), len), [seg(0, 64)], {}, done), 'DM_CLOSED');
+  });
+
+  test('a write error on segment 2 sets bit 2; the other segments are written; a read error writes none of its piece', async () => {
+    const src = await patternDevice(sectors(4096), 5);
+    const dst = memDevices(1, sectors(8192))[0];
+    const faulty = new FaultyBlockDevice(dst, { errorRules: [{ op: 'write', startSector: sectors(5000), endSector: sectors(5010) }] });
+    const segs: KcopydSegment[] = [0, 1, 2, 3].map((i) => ({ device: faulty, sector: sectors(i === 2 ? 5000 : 100 * i), sourceOffsetSectors: sectors(16 * i), lengthSectors: sectors(16) }));
+    const kc = new KcopydClient();
+    expect(await kc.copyScatterAsync(region(src, sectors(0), sectors(64)), segs, { ignoreError: true })).toEqual({ readError: false, writeErrorMask: 0b100 });
+    for (const i of [0, 1, 3]) expect(bytesOf(dst, 100 * i, 16).equals(bytesOf(src, 16 * i, 16)), `segment ${i}`).toBe(true);
+    expect(isZero(bytesOf(dst, 5000, 16))).toBe(true);
+    // A read error: the piece's segments stay unwritten.
+    const badSrc = new FaultyBlockDevice(src, { errorRules: [{ op: 'read' }] });
+    const dst2 = memDevices(1, sectors(8192))[0];
+    const segs2 = segs.map((g) => ({ ...g, device: dst2 }));
+    expect(await kc.copyScatterAsync(region(badSrc, sectors(0), sectors(64)), segs2)).toEqual({ readError: true, writeErrorMask: 0 });
+    expect(isZero(dst2.snapshotBytes())).toBe(true);
+    await kc.close();
   });
 });
 
