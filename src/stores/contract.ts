@@ -115,8 +115,8 @@ export interface ExceptionStoreType<TStore = unknown> {
    * Optional (persistent only): the runs prepareMerge would return one after the other if each were committed in
    * turn — newest first, walking back over metadata areas — up to `limits` (at least one run while any is left;
    * [] when none is). Steps back like prepareMerge; changes nothing else. May read older areas from the COW.
-   * `belowNewest` (read-ahead): start below the newest `belowNewest` records — a batch whose commitMerge is still
-   * to come — and change nothing at all (no step back: prepareMerge does it once that commit is done).
+   * `belowNewest`: start below the newest `belowNewest` records — a batch copied whose commitMerge is still to
+   * come (the stepping back is the same: an empty current area means every record left is below it).
    */
   prepareMergeRuns?(store: TStore, limits: MergeBatchLimits, belowNewest?: number): Promise<MergeRun[]>;
   /**

@@ -706,9 +706,10 @@ function persistentPrepareMergeRuns(store: PersistentStore, limits: MergeBatchLi
   return enqueue(store, async () => {
     if (store.mergeWriteError) throw store.mergeWriteError;
     assert(belowNewest <= store.committedIndex, `persistent store: prepareMergeRuns below ${belowNewest} of ${store.committedIndex} records`);
-    // Like prepare_merge, the first run may step back an area (the status shows it at once); the runs found
-    // further back change nothing until commitMerge. A read-ahead (belowNewest > 0) changes nothing.
-    if (belowNewest === 0) stepBackIfEmpty(store);
+    // Like prepare_merge, an empty current area (left by the last commitMerge) makes the previous one current: the
+    // status shows it at once, as the kernel's next prepare_merge does. Nothing else changes until commitMerge:
+    // the runs found, below the newest `belowNewest` records or not, change nothing.
+    stepBackIfEmpty(store);
     const runs: MergeRun[] = [];
     let chunksFound = 0;
     let last = store.committedIndex - 1 - belowNewest;

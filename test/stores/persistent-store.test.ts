@@ -812,7 +812,7 @@ describe('persistent store: merge batches (prepareMergeRuns, commitMerge over se
     expect(asTriples(await persistentStore.prepareMergeRuns!(store, { chunksMax: firstTwo, runsMax: 100 }))).toEqual(model.slice(0, 2));
     expect(asTriples(await persistentStore.prepareMergeRuns!(store, { chunksMax: firstTwo + model[2][0] - 1, runsMax: 100 }))).toEqual(model.slice(0, 2));
     expect(asTriples(await persistentStore.prepareMergeRuns!(store, { chunksMax: 1, runsMax: 100 }))).toEqual(model.slice(0, 1));
-    // Read-ahead below the newest records changes nothing (no step back either).
+    // Runs below the newest records (a copied batch whose commit is to come) change nothing (the current area is not empty).
     const usage = persistentStore.usage(store);
     const below = model[0][0] + model[1][0];
     expect(asTriples(await persistentStore.prepareMergeRuns!(store, { chunksMax: 10_000, runsMax: 4 }, below))).toEqual(model.slice(2, 6));

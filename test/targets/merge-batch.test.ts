@@ -9,8 +9,9 @@
  * - A power cut between two metadata area writes of one batch commit (FaultyBlockDevice volatile caches, torn):
  *   after the restart the merge resumes and finishes, the origin is the snapshot with every acknowledged and
  *   flushed write over it.
- * - Writes into the batch being merged — issued before its interlock, during its copy, flush and commit, and after
- *   COMMITTED while its area writes are not durable yet — all wait for the batch and are kept.
+ * - Writes into the batch being merged — issued before its interlock, during its copy, flush and commit, once it is
+ *   copied and waits for its commit while the next batch is found and copied, and after COMMITTED while its area
+ *   writes are not durable yet — all wait for the batch and are kept.
  * - Corruption inside a batch (a chunk from the middle of an in-core run, an exception on disk but not in memory):
  *   `Merge failed` with the lock-step reason, the runs before the refused one merged (on disk too), I/O goes on.
  * - A failed metadata area write after COMMITTED: `Merge failed` with the write error, the queued writes go on.
@@ -222,6 +223,33 @@ describe('merge batches', () => {
   });
 });
 
+describe('merge batches: runs side by side on the COW are copied together', () => {
+  test('600 one-chunk runs allocated in order: one scatter copy per 32 of them (a read each), each chunk to its own origin place', async () => {
+    // Every other origin chunk remapped: no two records form a run, but their COW chunks follow each other.
+    const oldChunks = range(0, 600).map((i) => 2 * i + 1);
+    const cow = craftCow({ chunkSectors: CHUNK, oldChunks, order: 'ascending' });
+    const originSectors = 1300 * CHUNK;
+    const r = await rig(cow, originSectors);
+    let dataReads = 0;
+    let writes = 0;
+    r.cow.onIo = (op, sector) => {
+      if (op === 'read' && !isMetadataChunk(Math.floor(sector / CHUNK), CHUNK)) dataReads++;
+    };
+    r.origin.onIo = (op) => {
+      if (op === 'write') writes++;
+    };
+    await startMerge(r);
+    const st = await waitMerge(r.e);
+    expect(st.state).toBe('DONE');
+    expectSame(await readAll(r.inner.o), r.snapshot, 'origin after DONE');
+    expect(writes, 'one origin write per run').toBe(600);
+    // 600 runs: ≥ 19 groups of ≤ 32; groups also end at metadata chunks (every 256 records) and batch ends.
+    expect(dataReads).toBeGreaterThanOrEqual(19);
+    expect(dataReads, 'COW reads for 600 runs').toBeLessThanOrEqual(30);
+    await r.e.close();
+  });
+});
+
 // ---- a power cut between two area writes of one commit -------------------------------------------------------------
 
 describe('merge batches: a power cut between two metadata area writes of one commit', () => {
@@ -383,7 +411,19 @@ describe('merge batches: writes into the batch being merged', () => {
     const held: Array<{ done: () => boolean }> = [];
     let gating = false;
     let gated = 0;
+    // Commit one behind: a write into a batch just copied (COPY_DONE or COPY_DONE_AHEAD) is still waiting when the
+    // next batch starts copying, as that batch's commit comes only after the next copy.
+    let aheadWrite: { done: () => boolean } | undefined;
+    let aheadChecked = 0;
     r.e.events$.subscribe((ev) => {
+      if (ev.type === 'merge.state' && (ev.event === 'COPY_DONE_AHEAD' || ev.event === 'COPY_DONE')) {
+        const chunk = current.flatMap(([first, n]) => range(first, first + n)).find((c) => !taken.has(c));
+        aheadWrite = chunk === undefined ? undefined : write('into a batch copied, its commit to come', chunk);
+      } else if (ev.type === 'merge.state' && ev.state === 'COPYING' && aheadWrite !== undefined) {
+        expect(aheadWrite.done(), 'a write into a copied batch completed before its commit').toBe(false);
+        aheadWrite = undefined;
+        aheadChecked++;
+      }
       if (ev.type === 'merge.run.started') {
         found.push([ev.firstOldChunk, ev.chunks]);
         if (found.length % 5 === 1) write('before the interlock (in flight, the interlock waits)', ev.firstOldChunk + ev.chunks - 1);
@@ -425,13 +465,14 @@ describe('merge batches: writes into the batch being merged', () => {
       if ((await mergeStatus(r.e)).state === 'DONE') break;
     }
     expect(checked, 'writes checked while their batch was not durable').toBe(2);
+    expect(aheadChecked, 'writes checked while their copied batch waited for its commit').toBeGreaterThanOrEqual(2);
     if (r.cow.waiting > 0) r.cow.reopen();
     const st = await waitMerge(r.e);
     await Promise.all(pending);
     expect(errors).toEqual([]);
     expect(st.state).toBe('DONE');
     for (const h of held) expect(h.done()).toBe(true);
-    for (const kind of ['before the interlock (in flight, the interlock waits)', 'queued (COPYING)', 'queued (FLUSHING)', 'queued (COMMITTING)']) {
+    for (const kind of ['before the interlock (in flight, the interlock waits)', 'queued (COPYING)', 'queued (FLUSHING)', 'queued (COMMITTING)', 'into a batch copied, its commit to come']) {
       expect(kinds.get(kind) ?? 0, kind).toBeGreaterThanOrEqual(2);
     }
     expectSame(await readAll(dev()), model, 'merging device after DONE');

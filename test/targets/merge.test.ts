@@ -36,7 +36,7 @@ import { ExceptionTable } from '../../src/stores/exception-table.js';
 import { Daemon } from '../../src/frontends/daemon.js';
 import { ControlClient } from '../../src/frontends/control-client.js';
 import { poolPaths } from '../../src/frontends/pool.js';
-import { mergeFinishCommands, mergeSwitch, mergeSwitchCommands, mergedOriginTable, runMerge, type DmsetupArgv } from '../../src/frontends/cli/merge.js';
+import { formatMergeProgress, mergeFinishCommands, mergeSwitch, mergeSwitchCommands, mergedOriginTable, runMerge, type DmsetupArgv } from '../../src/frontends/cli/merge.js';
 import {
   SECTOR,
   craftCow,
@@ -694,16 +694,22 @@ describe('stopping and resuming the merge', () => {
     const kinds = r.events.map((ev) => ev.type);
     expect(kinds[kinds.length - 1]).toBe('merge.done');
     const states = r.events.flatMap((ev) => (ev.type === 'merge.state' ? [`${ev.from}-${ev.event}->${ev.state}`] : []));
-    const oneBatch = [
-      'PREPARE-RUN_FOUND->COPY_OUT_OTHERS',
-      'COPY_OUT_OTHERS-OTHERS_READY->INTERLOCK',
-      'INTERLOCK-WRITES_DRAINED->COPYING',
+    const copy = ['PREPARE-RUN_FOUND->COPY_OUT_OTHERS', 'COPY_OUT_OTHERS-OTHERS_READY->INTERLOCK', 'INTERLOCK-WRITES_DRAINED->COPYING'];
+    const commit = ['FLUSHING-FLUSHED->COMMITTING', 'COMMITTING-COMMITTED->PREPARE'];
+    // Runs newest first: 50..51, then 3, then 100..109; in batches: the first one run (50..51), the second the
+    // others. Commit one behind: the second batch is copied before the first is committed; with nothing left to
+    // find, the second is committed (DRAIN), then DONE.
+    expect(states).toEqual([
+      'IDLE-START->PREPARE',
+      ...copy,
+      'COPYING-COPY_DONE_AHEAD->PREPARE',
+      ...copy,
       'COPYING-COPY_DONE->FLUSHING',
-      'FLUSHING-FLUSHED->COMMITTING',
-      'COMMITTING-COMMITTED->PREPARE',
-    ];
-    // Runs newest first: 50..51, then 3, then 100..109; in batches: the first one run (50..51), the second the others.
-    expect(states).toEqual(['IDLE-START->PREPARE', ...oneBatch, ...oneBatch, 'PREPARE-NO_MORE->DONE']);
+      ...commit,
+      'PREPARE-DRAIN->FLUSHING',
+      ...commit,
+      'PREPARE-NO_MORE->DONE',
+    ]);
     const started = r.events.flatMap((ev) => (ev.type === 'merge.run.started' ? [[ev.firstOldChunk, ev.chunks]] : []));
     expect(started).toEqual([[50, 2], [3, 1], [100, 10]]);
     const left = r.events.flatMap((ev) => (ev.type === 'merge.run.committed' ? [ev.chunksLeft] : []));
@@ -787,7 +793,7 @@ describe('a merging origin left suspended across a restart', () => {
     // An origin whose flushes take a while, so the merge is still running when the device is suspended.
     class SlowFlushDevice extends MemoryBlockDevice {
       protected override async _flush(): Promise<void> {
-        await sleep(2);
+        await sleep(20);
       }
     }
     const origin = new SlowFlushDevice({ sizeSectors: sectors(8192), name: 'o' });
@@ -942,6 +948,13 @@ describe('dmstate merge NAME (runMerge against an in-process daemon)', () => {
 
   const asSwitch = (argv: DmsetupArgv): string => (argv[0] === 'load' ? `load ${argv[1]} ${argv[3]}` : argv.join(' '));
   const PROGRESS = /^\[[#.]{30}\] +\d+\.\d% {2}\d+\/\d+ chunks {2}\d+ chunks\/s {2}ETA (\d+:\d\d|--:--)$/;
+
+  test('the progress line: percentage, rate, ETA; nothing left is ETA 0:00 even at 0 chunks/s (watching a merge that just finished)', () => {
+    expect(formatMergeProgress(100, 300, 50)).toBe('[##########....................]  33.3%  100/300 chunks  50 chunks/s  ETA 0:04');
+    expect(formatMergeProgress(100, 300, 0)).toBe('[##########....................]  33.3%  100/300 chunks  0 chunks/s  ETA --:--');
+    expect(formatMergeProgress(300, 300, 0)).toBe('[##############################] 100.0%  300/300 chunks  0 chunks/s  ETA 0:00');
+    expect(formatMergeProgress(0, 0, 0)).toMatch(/100\.0% {2}0\/0 chunks .*ETA 0:00$/);
+  });
 
   test("LVM's order: suspend the origin, suspend the snapshot, load snapshot-merge, resume the origin, THEN remove the snapshot; linear at the end", async () => {
     const cow = craftCow({ chunkSectors: CHUNK, oldChunks: range(0, 300).map((i) => (7 * i) % 512), order: 'shuffled', seed: 5 });

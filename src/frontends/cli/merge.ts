@@ -74,7 +74,8 @@ function formatDuration(seconds: number): string {
 export function formatMergeProgress(merged: number, total: number, chunksPerSecond: number, width = 30): string {
   const frac = total === 0 ? 1 : Math.min(1, merged / total);
   const filled = Math.round(frac * width);
-  const eta = chunksPerSecond > 0 ? (total - merged) / chunksPerSecond : Infinity;
+  // Nothing left: 0:00 even when no chunk was merged while watching (the rate is 0 then).
+  const eta = merged >= total ? 0 : chunksPerSecond > 0 ? (total - merged) / chunksPerSecond : Infinity;
   return `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(frac * 100).toFixed(1).padStart(5)}%  ${merged}/${total} chunks  ${Math.round(chunksPerSecond)} chunks/s  ETA ${formatDuration(eta)}`;
 }
 

@@ -7,27 +7,36 @@
  * Batches. Linux merges one linear run per step: copy, flush the origin, commit_merge (an area write with
  * PREFLUSH|FUA) — a few flushes per run, which hold a merge of 64 KiB runs to a few tens of MiB/s (bench/merge.ts:
  * 26 MiB/s on files). Here one pass PREPARE → COMMITTING merges a BATCH: the runs prepare_merge would find one after
- * the other (the store's prepareMergeRuns: newest first, across metadata areas), copied with up to
- * MERGE_COPY_JOBS_IN_FLIGHT kcopyd jobs, then ONE origin flush and ONE commitMerge that clears all their records in
+ * the other (the store's prepareMergeRuns: newest first, across metadata areas), copied by kcopyd jobs (runs side
+ * by side on the COW read together: scatter copies), then ONE origin flush and ONE commitMerge that clears all their records in
  * the same newest-first order, record by record in lock-step with the in-core table (seed 000), writes each
  * metadata area it changed and flushes the COW once. The first batch after a start is one run, as the kernel's
- * step; each commit lets the next one take MERGE_BATCH_RUNS_GROWTH times more runs, up to the limits.
+ * step; each batch copied lets the next one take MERGE_BATCH_RUNS_GROWTH times more runs, up to the limits.
  *
  * Safety (the kernel's argument, per batch). The write interlock covers every chunk of the batch from before its
- * copy until its commit is DURABLE — also once the lock-step has cleared their in-core exceptions (the merge target
+ * copy until its commit is DURABLE (or the merge stops or fails with the batch not committed: its records stay, a
+ * later merge copies it again) — also once the lock-step has cleared their in-core exceptions (the merge target
  * asks inMergingRange before the table). The origin is flushed after the copies and before any record is cleared.
  * So whatever a crash leaves on disk (persistent-store.ts: the records found are always a newest-first-cleared
  * prefix of the list), a record still found names a chunk nothing has written since its copy: merging it again
  * copies the same data over the same origin chunk. A write to a chunk of a batch waits for the whole batch (at most
  * MERGE_BATCH_BYTES_MAX of copying and two flushes).
  *
- * Overlap, so the flushes cost little: the batch is COMMITTED once its records are cleared and its area writes
- * queued, and the next batch is prepared and copied while they become durable (its own commit's writes follow
- * them); the batch's interlock, its queued writes and its 'merge.run.committed' events wait for durability (a
- * failure then fails the merge, and the machine at its next PREPARE or COMMITTING). During FLUSHING the next
- * batch's runs are read ahead. While a batch copies, the origin is flushed every MERGE_WRITEBACK_HINT_SECTORS
- * without waiting, so the write-back runs beside the copy. Each PREPARE waits one event-loop turn: over devices that
- * complete at once (memory, the page cache) the merge never holds the loop for more than a batch.
+ * Overlap, so the flushes cost little (a pipeline of three batches at most):
+ * - Commit one behind. When a batch's copy is done its origin flush is started, and — if no older batch waits for
+ *   its commit — the machine goes on to PREPARE the next batch (COPY_DONE_AHEAD; the store reads the runs below the
+ *   copied batch's records). When the next batch's copy is done (COPY_DONE), FLUSHING waits for the OLDER batch's
+ *   flush, started a whole batch ago, and COMMITTING commits that older batch: the origin's write-back of a batch
+ *   runs while the next one copies. With nothing left to find, or on a stop, the copied batch is committed first
+ *   (DRAIN). Commits stay in the records' newest-first order; every batch is flushed before its commit.
+ * - The batch is COMMITTED once its records are cleared and its area writes queued, and the next batch is prepared
+ *   and copied while they become durable (its own commit's writes follow them); the batch's interlock, its queued
+ *   writes and its 'merge.run.committed' events wait for durability (a failure then fails the merge, and the
+ *   machine at its next PREPARE or COMMITTING).
+ * - While a batch copies, the origin is flushed every MERGE_WRITEBACK_HINT_SECTORS without waiting, so the
+ *   write-back runs beside the copy.
+ * Each PREPARE waits one event-loop turn: over devices that complete at once (memory, the page cache) the merge never
+ * holds the loop for more than a batch.
  *
  * Per-run events stay, in order: 'merge.run.started' for each run when its batch is found, 'merge.run.committed'
  * (chunks left after that run) for each once the batch's commit is durable. They are trace-level events (on
@@ -39,7 +48,7 @@ import type { Chunk, Sector } from '../../block/units.js';
 import { assert } from '../../core/assert.js';
 import { compileMachine } from '../../core/compiled-machine.js';
 import { DmError } from '../../core/errors.js';
-import type { KcopydClient } from '../../kcopyd/kcopyd.js';
+import { KCOPYD_SEGMENTS_MAX, type KcopydClient } from '../../kcopyd/kcopyd.js';
 import type { MergeBatchLimits, MergeRun } from '../../stores/contract.js';
 import type { OriginRegistry } from './origin-registry.js';
 import { originWrite } from './origin-write.js';
@@ -65,11 +74,20 @@ export const MERGE_MACHINE = compileMachine<MergeStateName, MergeEvent['type']>(
  * amortized already; 64 MiB bounds how long a write to a chunk of the batch can wait.
  */
 export const MERGE_BATCH_BYTES_MAX = 64 * 1024 * 1024;
-/** Runs in one batch at most. The first batch after a start is one run; each commit lets the next take 8 times more. */
+/** Runs in one batch at most. The first batch after a start is one run; each batch copied lets the next take 8 times more. */
 export const MERGE_BATCH_RUNS_MAX = 4096;
 export const MERGE_BATCH_RUNS_GROWTH = 8;
-/** kcopyd jobs (one per run) of a batch in flight at once. */
+/** kcopyd jobs of a batch in flight at once (each copies a run, or runs side by side on the COW: see startCopies). */
 export const MERGE_COPY_JOBS_IN_FLIGHT = 16;
+/** Sectors one copy job reads at most (1 MiB): runs side by side on the COW are read together up to this. */
+export const MERGE_COPY_JOB_SECTORS_MAX = 2048;
+/**
+ * Sectors of copying in flight at most (4 MiB; a job is started while fewer are). Enough to keep a device with
+ * latency busy; small enough that the kcopyd buffers the data passes through stay in the CPU caches: measured with
+ * bench/merge.ts on files (median ratios to the sequential pass), 16 jobs of 1 MiB in flight 0.77–0.84, 4 jobs of
+ * 1 MiB or 512 KiB 0.92–0.99, 16 jobs of one 64 KiB run 0.89–0.93.
+ */
+export const MERGE_COPY_SECTORS_IN_FLIGHT = 8192;
 /**
  * While a batch copies, the origin is flushed (without waiting) after every this many sectors copied (4 MiB): the
  * page cache starts writing the batch back while the rest is copied, so the flush that ends the batch (FLUSHING)
@@ -128,6 +146,16 @@ interface CommittingBatch {
   readonly durable: Promise<void>;
 }
 
+/** A batch whose copy is done and whose commit is still to come. */
+interface CopiedBatch {
+  /** Runs newest first. */
+  readonly runs: MergeRun[];
+  readonly chunks: number;
+  readonly lock: BatchLock;
+  /** The origin flush started when the copy was done: settles with its error, or undefined. */
+  readonly flushed: Promise<Error | undefined>;
+}
+
 const firstOldChunk = (run: MergeRun): number => run.lastOldChunk + 1 - run.count;
 const firstNewChunk = (run: MergeRun): number => run.lastNewChunk + 1 - run.count;
 
@@ -137,27 +165,26 @@ export class Merger {
   private epoch = 0;
   private stopRequested = false;
   private stopWaiters: Array<() => void> = [];
-  /** The batch being merged: runs newest first, and their chunk count. */
+  /** The batch being found and copied (PREPARE to COPYING): runs newest first, and their chunk count. */
   private batch: MergeRun[] = [];
   private batchChunks = 0;
-  /** Runs the next batch may take (one after a start; grows at each commit, up to MERGE_BATCH_RUNS_MAX). */
+  /** Runs the next batch may take (one after a start; grows with each batch copied, up to MERGE_BATCH_RUNS_MAX). */
   private batchRunsMax = 1;
-  /** Batches found since the merger was created (names the batch a read-ahead follows). */
-  private batchSeq = 0;
-  /** The next batch's runs, read during this batch's origin flush (FLUSHING), for the PREPARE after its commit. */
-  private readAhead: { readonly afterBatch: number; readonly runs: Promise<MergeRun[]> } | undefined;
-  /** The write interlock of the batch being merged (undefined before its INTERLOCK and once released). */
+  /** The write interlock of the batch being copied (undefined before its INTERLOCK and once it is copied). */
   private lock: BatchLock | undefined;
-  /** The previous batch, cleared but not durable yet: its interlock holds until its area writes are. */
-  private committing: CommittingBatch | undefined;
+  /** Batches copied, oldest first, whose commit is to come (at most two: see "Commit one behind"). */
+  private copied: CopiedBatch[] = [];
+  /** Batches cleared but not durable yet, oldest first: each interlock holds until its area writes are durable. */
+  private committing: CommittingBatch[] = [];
   /** Why the previous batch's commit failed (reported at the next PREPARE or COMMITTING). */
   private commitFailure: string | undefined;
   /** Writes in flight to COW chunks (remapped by the merge target), per old chunk. */
   private readonly cowWrites = new Map<number, number>();
   private cowWritesDrained: (() => void) | undefined;
-  /** COPYING: the next run to start, jobs in flight, the first error seen. */
+  /** COPYING: the next run to start, jobs and sectors in flight, the first error seen. */
   private copyNext = 0;
   private copiesInFlight = 0;
+  private copySectorsInFlight = 0;
   private copyError: string | undefined;
   private copiedSinceHintSectors = 0;
   chunksMerged = 0;
@@ -206,7 +233,7 @@ export class Merger {
     if (this.chunksTotal < 0) this.chunksTotal = this.s.table.size;
     // Every start begins with a one-run batch, as the kernel's step.
     this.batchRunsMax = 1;
-    this.readAhead = undefined;
+    assert(this.copied.length === 0 && this.lock === undefined, 'merge: started with a batch left from before');
     this.send('START');
   }
 
@@ -217,7 +244,14 @@ export class Merger {
     this.stopRequested = true;
     if (st === 'PREPARE' || st === 'COPY_OUT_OTHERS' || st === 'INTERLOCK') {
       // No copy of the merge's own is in flight in these states (a store read in PREPARE is dropped: epoch); the
-      // previous batch's commit may still be becoming durable: stopped once it is.
+      // batch being prepared is dropped. A batch copied already is committed first (DRAIN, then STOP at the next
+      // PREPARE); the previous batches' commits may still be becoming durable: stopped once they are.
+      if (this.copied.length > 0) {
+        this.stopRequested = true;
+        const stopped = new Promise<void>((resolve) => this.stopWaiters.push(resolve));
+        this.send('DRAIN');
+        return stopped.then(() => this.settled());
+      }
       this.send('STOP');
       return this.settled();
     }
@@ -226,21 +260,30 @@ export class Merger {
 
   /** Resolves once no batch commit is in flight. */
   private async settled(): Promise<void> {
-    while (this.committing) await this.committing.durable;
+    while (this.committing.length > 0) await this.committing[0].durable;
+  }
+
+  /** The interlock holding `chunk`: of the batch being copied, a copied one, or one whose commit is not durable yet. */
+  private lockHolding(chunk: number): BatchLock | undefined {
+    if (this.lock?.holds(chunk)) return this.lock;
+    for (const b of this.copied) if (b.lock.holds(chunk)) return b.lock;
+    for (const b of this.committing) if (b.lock.holds(chunk)) return b.lock;
+    return undefined;
   }
 
   /**
-   * Whether a write to `chunk` must wait: it is in the batch being merged, or in the previous one until its commit
-   * is durable (its in-core exceptions are cleared already: the caller must ask whatever the table says).
+   * Whether a write to `chunk` must wait: it is in the batch being copied, in one copied and not committed, or in
+   * one whose commit is not durable yet (its in-core exceptions are cleared already: the caller must ask whatever
+   * the table says).
    */
   inMergingRange(chunk: number): boolean {
-    return (this.lock?.holds(chunk) ?? false) || (this.committing?.lock.holds(chunk) ?? false);
+    return this.lockHolding(chunk) !== undefined;
   }
 
   /** Queues a write that inMergingRange said must wait, on the batch that holds its chunk. */
   queueWrite(held: HeldBio): void {
     const chunk = this.s.chunkOf(held.bio.sector - held.ctx.beginSector);
-    const lock = this.committing?.lock.holds(chunk) ? this.committing.lock : this.lock;
+    const lock = this.lockHolding(chunk);
     assert(lock !== undefined, `merge: a write queued for chunk ${chunk}, which no batch holds`);
     lock.queued.push(held);
   }
@@ -274,11 +317,23 @@ export class Merger {
     void this.s.ctx.log.append({ type: 'merge.failed', device: this.s.deviceName, reason, chunksLeft: this.s.table.size }, { durable: true }).catch(() => undefined);
   }
 
-  /** Drops the interlock of the batch being merged and retries the writes it queued. */
+  /** Drops the interlock of the batch being copied and retries the writes it queued. */
   private releaseQueued(): void {
     const lock = this.lock;
     this.lock = undefined;
     lock?.release();
+  }
+
+  /**
+   * The merge stops or fails: the batch being copied and the copied ones are dropped (their records stay on disk
+   * and in core, a later merge copies them again) and their queued writes retried. Commits in flight keep their
+   * interlocks until durable.
+   */
+  private releaseUncommitted(): void {
+    this.releaseQueued();
+    const copied = this.copied;
+    this.copied = [];
+    for (const b of copied) b.lock.release();
   }
 
   /** Runs the effect of the state just entered. */
@@ -293,6 +348,8 @@ export class Merger {
       case 'COPYING':
         return this.copy();
       case 'FLUSHING':
+        // (From DRAIN in COPY_OUT_OTHERS or INTERLOCK, the batch being prepared is dropped.)
+        this.releaseQueued();
         return this.flush();
       case 'COMMITTING':
         return this.commit();
@@ -300,10 +357,8 @@ export class Merger {
         void this.s.ctx.log.append({ type: 'merge.done', device: this.s.deviceName, chunksMerged: this.chunksMerged }, { durable: true }).catch(() => undefined);
         return this.wakeStopWaiters();
       case 'FAILED':
-        this.releaseQueued();
-        return this.wakeStopWaiters();
       case 'STOPPED':
-        this.releaseQueued();
+        this.releaseUncommitted();
         return this.wakeStopWaiters();
       default:
     }
@@ -334,7 +389,7 @@ export class Merger {
   }
 
   private prepareNow(): void {
-    if (this.stopRequested) return this.send('STOP');
+    if (this.stopRequested) return this.send(this.copied.length > 0 ? 'DRAIN' : 'STOP');
     if (this.commitFailure !== undefined) return this.send('PREPARE_ERROR'); // reported (fail) when it happened
     const s = this.s;
     if (!s.valid) {
@@ -351,7 +406,8 @@ export class Merger {
       this.send('PREPARE_ERROR');
     };
     if (!type.prepareMergeRuns) {
-      // A store with Linux's one-run prepare_merge only: batches of one run.
+      // A store with Linux's one-run prepare_merge only: batches of one run, each committed before the next is found.
+      assert(this.copied.length === 0, 'merge: a one-run store with a copied batch left');
       let run: MergeRun;
       try {
         run = type.prepareMerge!(s.store);
@@ -361,36 +417,10 @@ export class Merger {
       return this.batchFound(run.count === 0 ? [] : [run]);
     }
     const epoch = this.epoch;
-    const ahead = this.readAhead;
-    this.readAhead = undefined;
-    if (ahead?.afterBatch === this.batchSeq && type.prepareMerge) {
-      // The runs were read during the last batch's flush. prepare_merge itself (synchronous: it steps back an area
-      // when the current one is empty, as the status shows) must agree on the first of them.
-      void ahead.runs.then(
-        (runs) => {
-          if (epoch !== this.epoch) return;
-          let first: MergeRun;
-          try {
-            first = type.prepareMerge!(s.store);
-          } catch (err) {
-            return readError(err);
-          }
-          const agrees = runs.length === 0 ? first.count === 0 : first.count === runs[0].count && first.lastOldChunk === runs[0].lastOldChunk && first.lastNewChunk === runs[0].lastNewChunk;
-          if (agrees) this.batchFound(runs);
-          else this.readRuns(epoch, readError);
-        },
-        () => {
-          if (epoch === this.epoch) this.readRuns(epoch, readError);
-        },
-      );
-      return;
-    }
-    this.readRuns(epoch, readError);
-  }
-
-  private readRuns(epoch: number, readError: (err: unknown) => void): void {
-    const s = this.s;
-    s.storeType.prepareMergeRuns!(s.store, this.batchLimits(this.batchRunsMax)).then(
+    // Below the records of a copied batch whose commit is still to come.
+    let belowNewest = 0;
+    for (const b of this.copied) belowNewest += b.chunks;
+    type.prepareMergeRuns(s.store, this.batchLimits(this.batchRunsMax), belowNewest).then(
       (runs) => {
         if (epoch === this.epoch) this.batchFound(runs);
       },
@@ -403,22 +433,22 @@ export class Merger {
   private batchFound(runs: MergeRun[]): void {
     const s = this.s;
     if (runs.length === 0) {
-      // DONE only once the last commit is durable.
-      const committing = this.committing;
-      if (!committing) return this.send('NO_MORE');
+      // The copied batch is committed first; DONE only once the last commit is durable.
+      if (this.copied.length > 0) return this.send('DRAIN');
+      if (this.committing.length === 0) return this.send('NO_MORE');
       const epoch = this.epoch;
-      void committing.durable.then(() => {
+      void this.settled().then(() => {
         if (epoch === this.epoch) this.send(this.commitFailure === undefined ? 'NO_MORE' : 'PREPARE_ERROR');
       });
       return;
     }
     // A run past the end of the origin fails its copy (as the kernel's write past the end does): the runs before
-    // it are merged first, and it comes alone in the next batch.
+    // it are merged (and committed) first, and it comes alone in a batch of its own.
     const originChunks = Math.ceil(s.origin.device.sizeSectors / s.chunkSizeSectors);
     const pastEnd = runs.findIndex((r) => firstOldChunk(r) >= originChunks);
+    if (pastEnd === 0 && this.copied.length > 0) return this.send('DRAIN');
     if (pastEnd >= 0) runs = runs.slice(0, Math.max(pastEnd, 1));
     this.batch = runs;
-    this.batchSeq++;
     this.batchChunks = 0;
     for (const run of runs) {
       this.batchChunks += run.count;
@@ -435,6 +465,32 @@ export class Merger {
     const oldSector = firstOldChunk(run) * s.chunkSizeSectors;
     const lengthSectors = Math.min(run.count * s.chunkSizeSectors, s.origin.device.sizeSectors - oldSector);
     return { oldSector, newSector: firstNewChunk(run) * s.chunkSizeSectors, lengthSectors };
+  }
+
+  /**
+   * The runs from copyNext on that one copy job takes (copyNext moves past them), newest first: the first, and each
+   * next run (one older) whose COW chunks end where the previous one's start, while the total stays within
+   * MERGE_COPY_JOB_SECTORS_MAX and KCOPYD_SEGMENTS_MAX. A run clipped at the origin's end, or one past it, ends
+   * the group (its COW range is not what it copies). `sector`: where the run starts on the COW.
+   */
+  private copySegments(): Array<{ sector: number; oldSector: number; lengthSectors: number }> {
+    const out: Array<{ sector: number; oldSector: number; lengthSectors: number }> = [];
+    const chunkSectors = this.s.chunkSizeSectors;
+    let totalSectors = 0;
+    while (this.copyNext < this.batch.length && out.length < KCOPYD_SEGMENTS_MAX) {
+      const run = this.batch[this.copyNext];
+      const { oldSector, newSector, lengthSectors } = this.runRegion(run);
+      if (lengthSectors <= 0) break;
+      if (out.length > 0) {
+        const prev = out[out.length - 1];
+        if (newSector + lengthSectors !== prev.sector || totalSectors + lengthSectors > MERGE_COPY_JOB_SECTORS_MAX) break;
+      }
+      out.push({ sector: newSector, oldSector, lengthSectors });
+      totalSectors += lengthSectors;
+      this.copyNext++;
+      if (lengthSectors !== run.count * chunkSectors) break;
+    }
+    return out;
   }
 
   /** Before overwriting the origin, the other snapshots of the origin get their copies (Linux origin_write_extent). */
@@ -472,63 +528,93 @@ export class Merger {
   private copy(): void {
     this.copyNext = 0;
     this.copiesInFlight = 0;
+    this.copySectorsInFlight = 0;
     this.copyError = undefined;
     this.startCopies();
   }
 
-  /** Keeps up to MERGE_COPY_JOBS_IN_FLIGHT runs copying; the batch's copy is done when all have reported. */
+  /**
+   * Keeps up to MERGE_COPY_JOBS_IN_FLIGHT kcopyd jobs, MERGE_COPY_SECTORS_IN_FLIGHT sectors, copying; the batch's
+   * copy is done when all have reported.
+   * Runs side by side on the COW (allocated in order, so the batch's next run, one older, ends where this one
+   * starts) share one job: a scatter copy reading them at once, each run's chunks written to its own origin place.
+   */
   private startCopies(): void {
     const s = this.s;
-    while (this.copiesInFlight < MERGE_COPY_JOBS_IN_FLIGHT && this.copyNext < this.batch.length && this.copyError === undefined) {
-      const run = this.batch[this.copyNext++];
-      const { oldSector, newSector, lengthSectors } = this.runRegion(run);
+    while (
+      this.copiesInFlight < MERGE_COPY_JOBS_IN_FLIGHT &&
+      this.copySectorsInFlight < MERGE_COPY_SECTORS_IN_FLIGHT &&
+      this.copyNext < this.batch.length &&
+      this.copyError === undefined
+    ) {
+      const run = this.batch[this.copyNext];
+      const { lengthSectors } = this.runRegion(run);
       if (lengthSectors <= 0) {
         // A record for a chunk past the end of the origin: the kernel's copy fails there too.
         this.copyError = `write error: exception for origin chunk ${run.lastOldChunk} lies past the end of the origin: shutting down merge`;
         break;
       }
+      // Newest (highest on the COW) first: in source order they go the other way.
+      const segments = this.copySegments().reverse();
+      let sourceSectors = 0;
+      for (const seg of segments) sourceSectors += seg.lengthSectors;
+      let offsetSectors = 0;
+      const scatter = segments.map((seg) => {
+        const at = offsetSectors;
+        offsetSectors += seg.lengthSectors;
+        return { device: s.origin.device, sector: seg.oldSector as Sector, sourceOffsetSectors: at as Sector, lengthSectors: seg.lengthSectors as Sector };
+      });
       this.copiesInFlight++;
-      this.copiedSinceHintSectors += lengthSectors;
+      this.copySectorsInFlight += sourceSectors;
+      this.copiedSinceHintSectors += sourceSectors;
       if (this.copiedSinceHintSectors >= MERGE_WRITEBACK_HINT_SECTORS) {
         this.copiedSinceHintSectors = 0;
         s.origin.device.flush().catch(() => undefined);
       }
-      this.kcopyd.copy(
-        { device: s.cow.device, sector: newSector as Sector, lengthSectors: lengthSectors as Sector },
-        [{ device: s.origin.device, sector: oldSector as Sector, lengthSectors: lengthSectors as Sector }],
-        {},
-        (readError, writeErrorMask) => {
-          this.copiesInFlight--;
-          if ((readError || writeErrorMask !== 0) && this.copyError === undefined) {
-            this.copyError = `${readError ? 'read' : 'write'} error copying to the origin: shutting down merge`;
-          }
-          this.startCopies();
-        },
-      );
+      const source = { device: s.cow.device, sector: segments[0].sector as Sector, lengthSectors: sourceSectors as Sector };
+      const copyDone = (readError: boolean, writeErrorMask: number): void => {
+        this.copiesInFlight--;
+        this.copySectorsInFlight -= sourceSectors;
+        if ((readError || writeErrorMask !== 0) && this.copyError === undefined) {
+          this.copyError = `${readError ? 'read' : 'write'} error copying to the origin: shutting down merge`;
+        }
+        this.startCopies();
+      };
+      if (scatter.length === 1) this.kcopyd.copy(source, [{ device: s.origin.device, sector: scatter[0].sector, lengthSectors: scatter[0].lengthSectors }], {}, copyDone);
+      else this.kcopyd.copyScatter(source, scatter, {}, copyDone);
     }
     if (this.copiesInFlight > 0) return;
     if (this.copyError !== undefined) {
       this.fail(this.copyError);
       return this.send('COPY_ERROR');
     }
-    if (this.copyNext === this.batch.length) this.send('COPY_DONE');
+    if (this.copyNext < this.batch.length) return;
+    // Copied: the origin flush that must precede the batch's commit starts now and runs while the next batch is
+    // found and copied (commit one behind), unless an older batch waits for its commit, the store finds one run at
+    // a time, or a stop is asked for.
+    const flushed = s.origin.device.flush().then(
+      () => undefined,
+      (err: unknown) => err as Error,
+    );
+    this.copied.push({ runs: this.batch, chunks: this.batchChunks, lock: this.lock!, flushed });
+    this.lock = undefined;
+    this.batch = [];
+    this.batchRunsMax = this.nextBatchRunsMax();
+    const ahead = this.copied.length === 1 && s.storeType.prepareMergeRuns !== undefined && !this.stopRequested;
+    this.send(ahead ? 'COPY_DONE_AHEAD' : 'COPY_DONE');
   }
 
+  /** FLUSHING: waits for the origin flush started when the oldest copied batch's copy was done. */
   private flush(): void {
-    const s = this.s;
-    if (s.storeType.prepareMergeRuns) {
-      // Read the next batch's runs while the origin flush runs (the CPU is idle meanwhile).
-      const runs = s.storeType.prepareMergeRuns(s.store, this.batchLimits(this.nextBatchRunsMax()), this.batchChunks);
-      runs.catch(() => undefined); // a read error shows again when PREPARE reads for itself
-      this.readAhead = { afterBatch: this.batchSeq, runs };
-    }
-    this.s.origin.device.flush().then(
-      () => this.send('FLUSHED'),
-      (err: unknown) => {
-        this.fail(`flush after merge failed: ${(err as Error).message}`);
-        this.send('FLUSH_ERROR');
-      },
-    );
+    const b = this.copied[0];
+    assert(b !== undefined, 'merge: FLUSHING without a copied batch');
+    const epoch = this.epoch;
+    void b.flushed.then((err) => {
+      if (epoch !== this.epoch) return;
+      if (err === undefined) return this.send('FLUSHED');
+      this.fail(`flush after merge failed: ${err.message}`);
+      this.send('FLUSH_ERROR');
+    });
   }
 
   /** Why the in-core table refused to clear a record the store cleared (Linux's two DMERR messages). */
@@ -561,12 +647,11 @@ export class Merger {
    */
   private commit(): void {
     const s = this.s;
-    if (this.commitFailure !== undefined) {
-      this.releaseQueued();
-      return this.send('COMMIT_ERROR');
-    }
-    const batch = this.batch;
-    const lock = this.lock!;
+    if (this.commitFailure !== undefined) return this.send('COMMIT_ERROR'); // reported (fail) when it happened
+    const copied = this.copied[0];
+    assert(copied !== undefined, 'merge: COMMITTING without a copied batch');
+    const batch = copied.runs;
+    const lock = copied.lock;
     const leftBefore = s.table.size;
     const epoch = this.epoch;
     let cleared = 0;
@@ -575,7 +660,7 @@ export class Merger {
     let settled = false;
     const durable = s.storeType.commitMerge!(
       s.store,
-      this.batchChunks,
+      copied.chunks,
       (oldChunk: Chunk, newChunk: Chunk) => {
         if (s.table.clearMerged(oldChunk, newChunk)) {
           cleared++;
@@ -588,9 +673,8 @@ export class Merger {
         // Called from inside the store's job: go on from a microtask, once the store is ready for the next call.
         handedOver = true;
         queueMicrotask(() => {
-          if (!settled) this.committing = { lock, durable: settledDurable };
-          if (this.lock === lock) this.lock = undefined;
-          this.batchRunsMax = this.nextBatchRunsMax();
+          if (!settled) this.committing.push({ lock, durable: settledDurable });
+          if (this.copied[0] === copied) this.copied.shift();
           if (epoch === this.epoch) this.send('COMMITTED');
         });
       },
@@ -620,7 +704,6 @@ export class Merger {
           // The machine is on the next batch already: it fails at its next PREPARE or COMMITTING.
           this.commitFailure = reason;
         } else if (epoch === this.epoch) {
-          this.releaseQueued();
           this.send('COMMIT_ERROR');
         }
       },
@@ -629,7 +712,8 @@ export class Merger {
 
   /** A batch commit settled: its interlock goes. */
   private endCommit(lock: BatchLock): void {
-    if (this.committing?.lock === lock) this.committing = undefined;
+    const at = this.committing.findIndex((b) => b.lock === lock);
+    if (at >= 0) this.committing.splice(at, 1);
     lock.release();
   }
 }
