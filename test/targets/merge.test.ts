@@ -990,6 +990,46 @@ describe('dmstate merge NAME (runMerge against an in-process daemon)', () => {
     }
   });
 
+  test.each(['suspend snap', 'load orig', 'resume orig'])('a handover step that fails (%s) is undone: both devices live with their tables as before, nothing merged, the error reported', async (failing) => {
+    const cow = craftCow({ chunkSectors: CHUNK, oldChunks: range(0, 50).map((i) => 3 * i), order: 'ascending' });
+    const r = await cliRig(cow, 4096);
+    try {
+      const e = r.daemon.engine;
+      const before = { orig: e.table('orig'), snap: e.table('snap'), snapStatus: e.status('snap'), snapData: await readAll(e.device('snap')!) };
+      const originBefore = fs.readFileSync(r.originImg);
+      // The daemon refuses the chosen step once (as it would a handover it cannot do), answering like dmsetup.
+      let refused = 0;
+      const client = {
+        request: (body: Parameters<ControlClient['request']>[0]) => {
+          const cmd = body.op === 'dmsetup' ? [body.command.command, ...body.command.names].join(' ') : '';
+          if (refused === 0 && cmd === failing) {
+            refused++;
+            return Promise.resolve({ id: 0, op: 'dmsetup', result: { exitCode: 1, stdout: '', stderr: 'device-mapper: injected refusal\n', errorCode: 'DM_INVALID_ARGUMENT' } });
+          }
+          return r.client.request(body);
+        },
+      } as unknown as ControlClient;
+      let text = '';
+      const out = { isTTY: false, write: (chunk: string) => ((text += chunk), true) } as unknown as NodeJS.WriteStream;
+      await expect(runMerge(client, 'snap', '/', out, () => performance.now())).rejects.toThrow(/injected refusal/);
+      expect(refused, `the step "${failing}" was reached`).toBe(1);
+      expect(e.table('orig')).toEqual(before.orig);
+      expect(e.table('snap')).toEqual(before.snap);
+      expect(e.info('orig').suspended).toBe(false);
+      expect(e.info('snap').suspended).toBe(false);
+      expect(e.device('orig')!.inactive, 'no inactive table left on the origin').toBeUndefined();
+      expect(e.status('snap')).toEqual(before.snapStatus);
+      expectSame(await readAll(e.device('snap')!), before.snapData, 'snapshot after the undone switch');
+      expectSame(fs.readFileSync(r.originImg), originBefore, 'origin file after the undone switch');
+      // And the merge can still be done.
+      const res = await merge(r, 'snap');
+      expect(res.code, res.lines.join('\n')).toBe(0);
+      expectSame(fs.readFileSync(r.originImg), snapshotImage(writeData(0, 0, 4096), cow), 'origin file after the merge');
+    } finally {
+      await r.close();
+    }
+  });
+
   test('with another snapshot of the origin left, the origin is a snapshot-origin again and that snapshot kept its contents', async () => {
     const cow = craftCow({ chunkSectors: CHUNK, oldChunks: range(0, 120).map((i) => 3 * i), order: 'ascending' });
     const r = await cliRig(cow, 4096);
