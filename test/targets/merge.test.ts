@@ -1013,6 +1013,7 @@ describe('dmstate merge NAME (runMerge against an in-process daemon)', () => {
       const out = { isTTY: false, write: (chunk: string) => ((text += chunk), true) } as unknown as NodeJS.WriteStream;
       await expect(runMerge(client, 'snap', '/', out, () => performance.now())).rejects.toThrow(/injected refusal/);
       expect(refused, `the step "${failing}" was reached`).toBe(1);
+      expect(text, 'no progress or "merge done" for a merge that never started').not.toMatch(/chunks\/s|merge done/);
       expect(e.table('orig')).toEqual(before.orig);
       expect(e.table('snap')).toEqual(before.snap);
       expect(e.info('orig').suspended).toBe(false);
