@@ -12,7 +12,7 @@ import { BackingDevices } from './backing-devices.js';
 import { BIO_MACHINE, type Bio } from './bio.js';
 import { createSystemClock, type Clock } from './clock.js';
 import { assert } from './assert.js';
-import { DmError } from './errors.js';
+import { DmError, isDmError } from './errors.js';
 import { MappedDevice, type BioObserver } from './mapped-device.js';
 import { createRng, type Rng } from './rng.js';
 import { Table, type TableBuildHooks } from './table.js';
@@ -48,6 +48,8 @@ export interface DeviceRecord {
   readonly inactive: string[] | null;
   readonly suspended: boolean;
   readonly hadTable?: boolean;
+  /** The live table was swapped in by a resume its preresume refused: it was never resumed (absent: it was). */
+  readonly liveNotResumed?: boolean;
 }
 
 export interface DeviceInfo {
@@ -114,6 +116,8 @@ export class Engine {
   private readonly xstateCheckers = new WeakMap<MappedDevice, BioObserver>();
   /** Live inspection (src/inspect/live-inspector.ts): off until someone watches. */
   readonly inspector: LiveInspector;
+  /** Live tables swapped in by a refused resume (see refuseResume): their targets have not been resumed yet. */
+  private readonly notResumed = new WeakSet<Table>();
 
   private constructor(log: EventLog, options: EngineOptions) {
     this.log = log;
@@ -250,6 +254,15 @@ export class Engine {
       // Build the table before the device is visible, so a bad table leaves nothing behind.
       let table: Table | undefined;
       if (options.table !== undefined) table = await this.buildTable(device, options.table, options.cwd);
+      // dmsetup create is create + load + resume; libdm removes the device when that resume fails: nothing is left.
+      if (table) {
+        try {
+          await this.preresumeTargets(device, table);
+        } catch (err) {
+          await table.destroy(this.hooksFor(device));
+          throw err;
+        }
+      }
       device.live = table;
       device.hadTable = table !== undefined;
       this.attachObserver(device);
@@ -311,7 +324,17 @@ export class Engine {
         device.live = device.inactive;
         device.inactive = undefined;
       }
+      // Linux do_resume calls dm_resume (and the targets' preresume) only for a suspended device.
+      if (device.suspended && device.live) {
+        try {
+          await this.preresumeTargets(device, device.live);
+        } catch (err) {
+          if (swapping) await this.refuseResume(device, old);
+          throw err;
+        }
+      }
       if (device.live) await this.resumeTargets(device.live);
+      if (device.live) this.notResumed.delete(device.live);
       device.resumeQueued();
       if (old) await old.destroy(this.hooksFor(device));
       await this.commit(device, { type: 'device.resumed', device: name, table: device.live ? device.live.tableLines() : [], swapped: swapping });
@@ -435,6 +458,7 @@ export class Engine {
       inactive: device.inactive ? device.inactive.tableLines() : null,
       suspended: device.suspended,
       hadTable: device.hadTable,
+      liveNotResumed: device.live !== undefined && this.notResumed.has(device.live) ? true : undefined,
     };
   }
 
@@ -492,6 +516,7 @@ export class Engine {
       tableEvent: () => {
         device.eventNr++;
       },
+      isSuspended: () => device.suspended,
       clock: this.clock,
       rng: this.rng,
       log: this.log,
@@ -563,6 +588,34 @@ export class Engine {
     for (const t of table.targets) if (t.type.resume) await t.type.resume(t.instance);
   }
 
+  /** Runs the targets' preresume; a refusal comes back as the kernel logs it: "<device>: <target>: preresume failed". */
+  private async preresumeTargets(device: MappedDevice, table: Table): Promise<void> {
+    for (const t of table.targets) {
+      if (!t.type.preresume) continue;
+      try {
+        await t.type.preresume(t.instance);
+      } catch (err) {
+        if (!isDmError(err)) throw err;
+        throw new DmError(err.code, `${device.name}: ${t.type.name}: preresume failed: ${err.message}`, { cause: err });
+      }
+    }
+  }
+
+  /**
+   * A resume with a table swap that a preresume refused. As in Linux do_resume (the swap comes before dm_resume,
+   * whose failure undoes nothing): the device stays suspended, the table swapped in stays live without having been
+   * resumed, there is no inactive table, and the old live table is destroyed. A later resume retries the preresume.
+   */
+  private async refuseResume(device: MappedDevice, old: Table | undefined): Promise<void> {
+    const table = device.live!;
+    this.notResumed.add(table);
+    if (old) await old.destroy(this.hooksFor(device));
+    // The log has no event for a swap without a resume; this pair replays to exactly the state left (the new table
+    // live, no inactive table, the device suspended): src/replay/pool-state.ts.
+    await this.log.append({ type: 'device.resumed', device: device.name, table: table.tableLines(), swapped: true }, { durable: true });
+    await this.commit(device, { type: 'device.suspended', device: device.name });
+  }
+
   /** The device's bio observer: the xstate checker and/or the live inspector's; undefined when neither is on. */
   private refreshBioObserver(device: MappedDevice): void {
     device.bioObserver = combineBioObservers(this.xstateCheckers.get(device), this.inspector.bioObserverFor(device.name));
@@ -614,12 +667,17 @@ export class Engine {
         try {
           if (r.live) d.live = await this.buildTable(d, r.live.join('\n'), undefined);
           if (r.inactive) d.inactive = await this.buildTable(d, r.inactive.join('\n'), undefined);
-          // A stored live table was resumed once; its targets resume now even when the device stays suspended
-          // (a suspended snapshot still gets its copy-outs, as in the kernel).
-          if (d.live) await this.resumeTargets(d.live);
-          // ... and a suspended device's targets then see the suspend again (a snapshot-merge stops merging, as a
-          // suspended merging origin does in the kernel, until the device resumes).
-          if (d.live && r.suspended) for (const t of d.live.targets) if (t.type.postsuspend) await t.type.postsuspend(t.instance);
+          if (d.live && r.liveNotResumed) {
+            // Swapped in by a refused resume: it waits for the next resume, as before the restart.
+            this.notResumed.add(d.live);
+          } else if (d.live) {
+            // A stored live table was resumed once; its targets resume now even when the device stays suspended
+            // (a suspended snapshot still gets its copy-outs, as in the kernel).
+            await this.resumeTargets(d.live);
+            // ... and a suspended device's targets then see the suspend again (a snapshot-merge stops merging, as a
+            // suspended merging origin does in the kernel, until the device resumes).
+            if (r.suspended) for (const t of d.live.targets) if (t.type.postsuspend) await t.type.postsuspend(t.instance);
+          }
         } catch (err) {
           failures.push(`${r.name}: ${(err as Error).message}`);
         }

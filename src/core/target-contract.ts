@@ -39,6 +39,8 @@ export interface TargetContext {
   walFor(cow: DeviceRef): ExceptionWal;
   /** Raises a table event on the mapped device (Linux dm_table_event: event_nr + 1, e.g. a snapshot became invalid). */
   tableEvent(): void;
+  /** Whether the mapped device this target belongs to is suspended now (Linux dm_suspended(ti)). */
+  isSuspended(): boolean;
   readonly clock: Clock;
   readonly rng: Rng;
   readonly log: EventLog;
@@ -74,6 +76,12 @@ export interface TargetType<TInstance = unknown> {
   readonly takesMarks?: boolean;
   /** Called after the device's in-flight I/O drained on suspend. */
   postsuspend?(instance: TInstance): Promise<void>;
+  /**
+   * Called before resume() when a suspended device resumes, for every target of its (possibly just swapped in)
+   * live table (Linux preresume). Throwing a DmError refuses the resume: as in the kernel's do_resume, the device
+   * stays suspended, with the table that was swapped in live and no inactive table.
+   */
+  preresume?(instance: TInstance): Promise<void>;
   /** Called when the table becomes (or stays) live on resume. */
   resume?(instance: TInstance): Promise<void>;
 }

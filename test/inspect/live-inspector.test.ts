@@ -241,6 +241,7 @@ describe('control-plane actors', () => {
     const records: InspectionRecord[] = [];
     const watch = engine.inspector.subscribe({ kinds: ['merge'], devices: ['orig'] }, (r) => void records.push(r));
     await engine.suspend('orig');
+    await engine.suspend('snap');
     await engine.load('orig', '0 8192 snapshot-merge o c P 8');
     await engine.resume('orig');
     await engine.remove('snap');
@@ -261,6 +262,7 @@ describe('control-plane actors', () => {
     const watch = engine.inspector.subscribe({ kinds: ['merge'], devices: ['snap'] }, (r) => void other.push(r));
     const done = firstValueFrom(engine.events$.pipe(toArray()));
     await engine.suspend('orig');
+    await engine.suspend('snap');
     await engine.load('orig', '0 8192 snapshot-merge o c P 8');
     await engine.resume('orig');
     await engine.remove('snap');

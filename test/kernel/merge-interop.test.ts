@@ -14,6 +14,10 @@
  *   G  `dmstate merge NAME`: the kernel runs the exact dmsetup commands the command runs (exported by
  *      src/frontends/cli/merge.ts: its switch, then, once merged, the table lvconvert leaves), dmstate runs the
  *      command itself on a byte copy: both merge, and end with the same linear table.
+ *   H  the origin resumed with snapshot-merge while the snapshot is NOT suspended (Linux snapshot_preresume):
+ *      refused on both sides, the origin left suspended with the waiting snapshot-merge table live; the
+ *      snapshot's own resume refused while that table waits; then, the snapshot suspended, the origin resumes and
+ *      merges.
  * A, B, D and E merge the LVM way with checks in between: suspend the origin and the snapshot, load snapshot-merge
  * (`status --inactive` of it), resume the origin (the handover), sample `dmsetup status` until
  * `<alloc>/<total> <meta>` has alloc == meta, remove the snapshot, then back to snapshot-origin. Checked: the merged
@@ -213,7 +217,7 @@ const DMSTATE_WRITE_A: readonly Step[] = [
   dm('aw-remove', 'remove', 'awsnap', 'aworig'),
 ];
 
-const KERNEL_ROLES = ['a-origin', 'a-cow', 'b-origin', 'b-cow', 'b2-origin', 'b2-cow', 'c-origin', 'c-cow', 'd-origin', 'd-cow', 'e-origin', 'e-cow', 'f-origin', 'f-cow', 'g-origin', 'g-cow', 'pattern'] as const;
+const KERNEL_ROLES = ['a-origin', 'a-cow', 'b-origin', 'b-cow', 'b2-origin', 'b2-cow', 'c-origin', 'c-cow', 'd-origin', 'd-cow', 'e-origin', 'e-cow', 'f-origin', 'f-cow', 'g-origin', 'g-cow', 'h-origin', 'h-cow', 'pattern'] as const;
 
 /** F: the snapshot removed BEFORE the origin's resume (what `dmstate merge` does): no handover in the kernel. */
 const F_STEPS: readonly Step[] = [
@@ -228,6 +232,34 @@ const F_STEPS: readonly Step[] = [
   { kind: 'sample', name: 'f-samples', dev: 'forig' },
   dm('f-status-final', 'status', 'forig'),
   { kind: 'md5', name: 'f-md5-merged', dev: 'forig' },
+];
+
+/**
+ * H: the handover rules at resume (Linux snapshot_preresume). The origin's resume with the snapshot live and not
+ * suspended fails (EINVAL) after the swap: the origin stays suspended with snapshot-merge live (nothing inactive),
+ * waiting. The snapshot, suspended, may not resume while that table waits. Then LVM's order goes on.
+ */
+const H_STEPS: readonly Step[] = [
+  dm('h-create-orig', 'create', 'horig', '--table', `0 ${SMALL} snapshot-origin {h-origin}`),
+  dm('h-create-snap', 'create', 'hsnap', '--table', `0 ${SMALL} snapshot {h-origin} {h-cow} P ${CHUNK}`),
+  { kind: 'md5', name: 'h-md5-snap', dev: 'hsnap' },
+  dm('h-suspend-orig', 'suspend', 'horig'),
+  dm('h-load', 'load', 'horig', '--table', `0 ${SMALL} snapshot-merge {h-origin} {h-cow} P ${CHUNK}`),
+  dm('h-resume-refused', 'resume', 'horig'),
+  dm('h-info-orig', 'info', 'horig'),
+  dm('h-table-inactive', 'table', '--inactive', 'horig'),
+  dm('h-status-orig', 'status', 'horig'),
+  dm('h-status-snap', 'status', 'hsnap'),
+  { kind: 'md5', name: 'h-md5-snap-refused', dev: 'hsnap' },
+  dm('h-suspend-snap', 'suspend', 'hsnap'),
+  dm('h-resume-snap-refused', 'resume', 'hsnap'),
+  dm('h-resume-orig', 'resume', 'horig'),
+  { kind: 'sample', name: 'h-samples', dev: 'horig' },
+  dm('h-status-snap-after-handover', 'status', 'hsnap'),
+  dm('h-remove-snap', 'remove', 'hsnap'),
+  dm('h-status-final', 'status', 'horig'),
+  { kind: 'md5', name: 'h-md5-merged', dev: 'horig' },
+  dm('h-remove-orig', 'remove', 'horig'),
 ];
 
 /** G, before and after the merge: the same on both sides. */
@@ -498,6 +530,9 @@ describe('snapshot-merge interop with the Linux 6.1 kernel (one VM boot)', () =>
     const gCow = craftCow({ chunkSectors: CHUNK, oldChunks: Array.from({ length: 180 }, (_, i) => (i * 7) % 256), order: 'ascending', cowSectors: 4096 });
     expected.set('g', md5(snapshotImage(dOrigin, gCow)));
     sequences.set('g', mergeStatusSequence(gCow.records, CHUNK, 4096));
+    // H (the handover rules): D's COW again.
+    expected.set('h', expected.get('d')!);
+    sequences.set('h', sequences.get('d')!);
 
     const kImages: Record<string, string> = {
       'a-origin': file('a-origin', wa.prefill),
@@ -516,6 +551,8 @@ describe('snapshot-merge interop with the Linux 6.1 kernel (one VM boot)', () =>
       'f-cow': file('f-cow', dCow.image),
       'g-origin': file('g-origin', dOrigin),
       'g-cow': file('g-cow', gCow.image),
+      'h-origin': file('h-origin', dOrigin),
+      'h-cow': file('h-cow', dCow.image),
       pattern: file('pattern', wb.pattern),
     };
     const dImages: Record<string, string> = {
@@ -533,6 +570,8 @@ describe('snapshot-merge interop with the Linux 6.1 kernel (one VM boot)', () =>
       'f-cow': file('df-cow', dCow.image),
       'g-origin': file('dg-origin', dOrigin),
       'g-cow': file('dg-cow', gCow.image),
+      'h-origin': file('dh-origin', dOrigin),
+      'h-cow': file('dh-cow', dCow.image),
     };
     const pool = path.join(dir, 'p');
     const daemon = await startBuiltDaemon(pool);
@@ -546,17 +585,17 @@ describe('snapshot-merge interop with the Linux 6.1 kernel (one VM boot)', () =>
     sequences.set('a', mergeStatusSequence(cowRecords(fs.readFileSync(kImages['a-cow'])), CHUNK, COW_BYTES / SECTOR));
     timings.push(`dmstate writes A ${((performance.now() - t) / 1000).toFixed(1)} s`);
 
-    // The boot (the kernel merges A, writes B and merges its copy, C, D, E, F, G) beside dmstate merging A, D, E,
-    // F, G and (on a pool of its own, as a failure there can leave that daemon stuck) C.
+    // The boot (the kernel merges A, writes B and merges its copy, C, D, E, F, G, H) beside dmstate merging A, D, E,
+    // F, G, H and (on a pool of its own, as a failure there can leave that daemon stuck) C.
     t = performance.now();
-    const kernelSteps = [...mergeSteps('a', S), ...KERNEL_WRITE_B, ...mergeSteps('b2', S), ...mergeSteps('c', SMALL), ...mergeSteps('d', SMALL), ...mergeSteps('e', SMALL, { snapWrite: true }), ...F_STEPS, ...G_BEFORE, ...G_KERNEL_MERGE, ...G_AFTER];
+    const kernelSteps = [...mergeSteps('a', S), ...KERNEL_WRITE_B, ...mergeSteps('b2', S), ...mergeSteps('c', SMALL), ...mergeSteps('d', SMALL), ...mergeSteps('e', SMALL, { snapWrite: true }), ...F_STEPS, ...G_BEFORE, ...G_KERNEL_MERGE, ...G_AFTER, ...H_STEPS];
     const [kr, d1, dc] = await Promise.all([
       runKernelJob(kernelScript(kernelSteps, wb.ops), KERNEL_ROLES.map((r) => kImages[r]), { timeoutMs: 240_000 }).then((r) => {
         timings.push(`kernel boot ${((performance.now() - t) / 1000).toFixed(1)} s`);
         return r;
       }),
-      dmstateRun(pool, dImages, [...mergeSteps('a', S), ...mergeSteps('d', SMALL), ...mergeSteps('e', SMALL, { snapWrite: true }), ...F_STEPS, ...G_BEFORE, { kind: 'merge-cli', name: 'g-merge-cli', snapshot: 'gsnap' }, ...G_AFTER], [], scratch).then((r) => {
-        timings.push(`dmstate merges A, D, E, F, G ${((performance.now() - t) / 1000).toFixed(1)} s`);
+      dmstateRun(pool, dImages, [...mergeSteps('a', S), ...mergeSteps('d', SMALL), ...mergeSteps('e', SMALL, { snapWrite: true }), ...F_STEPS, ...G_BEFORE, { kind: 'merge-cli', name: 'g-merge-cli', snapshot: 'gsnap' }, ...G_AFTER, ...H_STEPS], [], scratch).then((r) => {
+        timings.push(`dmstate merges A, D, E, F, G, H ${((performance.now() - t) / 1000).toFixed(1)} s`);
         return r;
       }),
       (async () => {
@@ -729,6 +768,31 @@ describe('snapshot-merge interop with the Linux 6.1 kernel (one VM boot)', () =>
       expect(sec(d, step, 'dmstate').stdout, `dmstate ${step}`).toBe(sec(k, step, 'kernel').stdout);
     }
     expect(sec(d, 'f-md5-merged', 'dmstate').stdout, 'dmstate: the origin, not merged').toBe(expected.get('f-unmerged'));
+  });
+
+  test('H: the origin resumed while the snapshot is not suspended: refused on both sides, the same state left; then LVM\'s order merges', (ctx) => {
+    skipIfNoKernel(ctx);
+    const stateLines = (s: Section): string => s.stdout.split('\n').filter((l) => /^(State|Tables present):/.test(l)).join('\n');
+    for (const [side, who] of [[k, 'kernel'], [d, 'dmstate']] as const) {
+      for (const step of ['h-create-orig', 'h-create-snap', 'h-suspend-orig', 'h-load', 'h-info-orig', 'h-suspend-snap', 'h-resume-orig', 'h-remove-snap', 'h-remove-orig']) {
+        expect(sec(side, step, who).rc, `${who} ${step}: ${sec(side, step, who).stderr}`).toBe(0);
+      }
+      // snapshot_preresume: -EINVAL, dmsetup fails.
+      for (const step of ['h-resume-refused', 'h-resume-snap-refused']) expect(sec(side, step, who).rc, `${who} ${step}`).toBe(1);
+      // do_resume swapped the table in before the preresume failed: suspended, snapshot-merge live, no inactive table.
+      expect(stateLines(sec(side, 'h-info-orig', who)), `${who}: info of the origin after the refused resume`).toBe('State:             SUSPENDED\nTables present:    LIVE');
+      expect(sec(side, 'h-table-inactive', who).stdout, `${who}: no inactive table`).toBe('\n');
+      for (const step of ['h-md5-snap', 'h-md5-snap-refused', 'h-md5-merged']) expect(sec(side, step, who).stdout, `${who} ${step}`).toBe(expected.get('h'));
+      checkSamples(side, 'h-samples', who, SMALL, 4096, sequences.get('h')!);
+    }
+    expect(sec(k, 'h-status-orig', 'kernel').stdout).toBe(`0 ${SMALL} snapshot-merge 0/4096 0\n`);
+    expect(sec(k, 'h-status-snap-after-handover', 'kernel').stdout).toBe(`0 ${SMALL} snapshot Invalid\n`);
+    for (const step of ['h-status-orig', 'h-status-snap', 'h-status-snap-after-handover', 'h-status-final']) {
+      expect(sec(d, step, 'dmstate').stdout, `dmstate ${step}`).toBe(sec(k, step, 'kernel').stdout);
+    }
+    // dmstate says why, in the kernel's words (the kernel logs them: DMERR).
+    expect(sec(d, 'h-resume-refused', 'dmstate').stderr).toContain('horig: snapshot-merge: preresume failed: Unable to perform snapshot handover until source is suspended.');
+    expect(sec(d, 'h-resume-snap-refused', 'dmstate').stderr).toContain('hsnap: snapshot: preresume failed: Unable to resume snapshot source until handover completes.');
   });
 
   test('parity: `dmsetup status --inactive` of the snapshot-merge table waiting for the handover: 0/<COW sectors> 0', (ctx) => {

@@ -102,6 +102,7 @@ describe('dmstate replay', () => {
     await e.create('snap2', { table: `0 ${ORIGIN_SECTORS} snapshot ${origin} ${path.join(dir, 'cow2.img')} PO ${CHUNK}` });
     for (let i = 0; i < 5; i++) await write(4000 + i * 64, 0x60 + i);
     await e.suspend('orig');
+    await e.suspend('snap'); // the handover needs the snapshot suspended (as lvconvert --merge and dmstate merge do)
     await e.load('orig', `0 ${ORIGIN_SECTORS} snapshot-merge ${origin} ${path.join(dir, 'cow.img')} P ${CHUNK}`);
     await e.resume('orig');
     await e.remove('snap');

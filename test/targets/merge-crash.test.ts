@@ -326,6 +326,7 @@ async function crashRun(seed: number, stats: Stats): Promise<void> {
   const nextId = (): number => id++;
 
   await e.suspend('orig');
+  await e.suspend('snap');
   await e.load('orig', `0 ${originSectors} snapshot-merge o c P ${CHUNK}`);
   // The power is cut at a seeded I/O from the resume on (the merge's and the workload's). A batched merge does about
   // two I/Os per record (the copy's read and write) and a few per batch.

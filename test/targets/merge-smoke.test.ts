@@ -17,6 +17,7 @@ test('merge smoke', async () => {
   const want = Buffer.alloc(8192 * 512);
   await e.device('snap')!.read(sectors(0), want);
   await e.suspend('orig');
+  await e.suspend('snap');
   await e.load('orig', '0 8192 snapshot-merge o c P 8');
   await e.resume('orig');
   await e.remove('snap');

@@ -130,13 +130,26 @@ async function allTables(client: ControlClient, cwd: string): Promise<Map<string
   return out;
 }
 
-/** Runs the switch that starts the merge; a failed handover step is undone (both devices back as they were). */
-async function startMerge(client: ControlClient, cwd: string, m: MergeSwitch, snapshot: string, origin: string, out: NodeJS.WritableStream): Promise<void> {
+/**
+ * Runs the switch that starts the merge; a failed handover step is undone (both devices back as they were): the
+ * origin's own table is loaded again and resumed, then the snapshot resumed. Loading it (not just clearing the
+ * inactive slot) also covers a refused resume, which (as in Linux's do_resume) has swapped the snapshot-merge table
+ * in already, live but not resumed.
+ */
+async function startMerge(
+  client: ControlClient,
+  cwd: string,
+  m: MergeSwitch,
+  snapshot: string,
+  origin: string,
+  originTableBefore: string,
+  out: NodeJS.WritableStream,
+): Promise<void> {
   for (const c of m.prepare) await dmsetup(client, c, cwd);
   try {
     for (const c of m.handover) await dmsetup(client, c, cwd);
   } catch (err) {
-    await dmsetup(client, ['clear', origin], cwd).catch(() => undefined);
+    await dmsetup(client, ['load', origin, '--table', originTableBefore], cwd).catch(() => undefined);
     await dmsetup(client, ['resume', origin], cwd).catch(() => undefined);
     await dmsetup(client, ['resume', snapshot], cwd).catch(() => undefined);
     throw err;
@@ -171,7 +184,8 @@ export async function runMerge(client: ControlClient, name: string, cwd: string,
     originTable = found.line;
     out.write(`merging snapshot ${name} into ${originName} (origin ${originDev}, COW ${cowDev}, chunk ${chunk} sectors)\n`);
     const mergeTable = `${originTable.start} ${originTable.length} snapshot-merge ${originDev} ${cowDev} ${mode} ${chunk}`;
-    await startMerge(client, cwd, mergeSwitch(name, originName, mergeTable), name, originName, out);
+    const originTableBefore = `${originTable.start} ${originTable.length} ${originTable.target} ${originTable.args.join(' ')}`;
+    await startMerge(client, cwd, mergeSwitch(name, originName, mergeTable), name, originName, originTableBefore, out);
   } else if (t.target === 'snapshot-merge') {
     originName = name;
     originTable = t;

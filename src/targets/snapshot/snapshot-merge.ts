@@ -13,7 +13,7 @@ import type { TargetContext, TargetType } from '../../core/target-contract.js';
 import { Merger } from './merger.js';
 import { mapOriginWrite } from './snapshot-origin.js';
 import { originRegistry, snapshotKcopyd } from './shared.js';
-import { snapshotCtr, snapshotDtr, snapshotStatus, type SnapshotInstance } from './snapshot.js';
+import { snapshotCtr, snapshotDtr, snapshotPreresume, snapshotStatus, type SnapshotInstance } from './snapshot.js';
 
 interface MergeInstance extends SnapshotInstance {
   readonly merger: Merger;
@@ -98,7 +98,7 @@ export const snapshotMergeTarget: TargetType<MergeInstance> = Object.freeze({
     const merger = (s.merger as Merger | undefined) ?? new Merger(s, originRegistry(ctx), snapshotKcopyd(ctx));
     s.merger = merger;
     const mergeInst: MergeInstance = { ...inst, merger };
-    if (s.owner === undefined) s.takeOwnership(mergeInst, mergeInst.generation);
+    s.claimIfUnowned(mergeInst, mergeInst.generation);
     return mergeInst;
   },
   async dtr(inst: MergeInstance) {
@@ -108,10 +108,12 @@ export const snapshotMergeTarget: TargetType<MergeInstance> = Object.freeze({
     await snapshotDtr(inst);
   },
   map: mergeMap,
+  // Resumed on the origin while the snapshot's table is live and not suspended: refused (Linux snapshot_preresume
+  // is merge_target's preresume too), so LVM suspends the snapshot before it resumes the origin.
+  preresume: snapshotPreresume,
   async resume(inst: MergeInstance) {
     const s = inst.state;
-    s.takeOwnership(inst, inst.generation);
-    if (s.owner !== inst) return;
+    if (!s.resumeTable(inst, inst.generation)) return;
     s.ctx = inst.ctx;
     s.deviceName = inst.ctx.mappedDeviceName;
     s.active = true;

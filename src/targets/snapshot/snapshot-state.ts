@@ -46,6 +46,17 @@ export class PendingException {
   ) {}
 }
 
+/** A table built on a snapshot state (Linux: one struct dm_snapshot sharing the COW). */
+export interface SnapshotTable {
+  readonly generation: number;
+  /** The table's target context: its mapped device's name and whether that device is suspended (handover rules). */
+  readonly ctx: TargetContext;
+  /** Resumed at least once (Linux s->active). */
+  resumed: boolean;
+  /** Its source went before it was resumed (Linux snapshot_dtr sets such a destination invalid). */
+  handoverCancelled: boolean;
+}
+
 export class SnapshotState {
   valid = true;
   overflowed = false;
@@ -61,28 +72,115 @@ export class SnapshotState {
    * or the origin's snapshot-merge table) is Invalid and refuses I/O, as the kernel's __handover_exceptions does.
    */
   owner: unknown = undefined;
-  /** Tables built on this state so far; a table takes ownership on resume only if no newer one has. */
-  generations = 0;
-  ownerGeneration = -1;
-
+  /** The generation of the owner's table. */
+  private ownerGeneration = -1;
   /**
-   * Tables numbered below this lost their handover: the table that owned the state was destroyed while they waited
-   * to be resumed (Linux snapshot_dtr: "Cancelling snapshot handover."). They stay Invalid and never take over.
+   * The tables built on this state and not destroyed yet, by generation (their order of construction): Linux's
+   * list of snapshots of the origin that share this COW (__find_snapshots_sharing_cow). A resumed table is a
+   * handover source, a table not resumed yet a handover destination.
    */
-  handoverCancelledBefore = 0;
+  private readonly tables = new Map<number, SnapshotTable>();
+  private nextGeneration = 0;
 
-  /** Makes `inst` (built as table number `generation`) the owner unless a newer table owns the state already. */
-  takeOwnership(inst: unknown, generation: number): void {
-    if (generation < this.ownerGeneration || generation < this.handoverCancelledBefore) return;
+  /** Adds a table built on this state (snapshot_ctr); returns its generation. */
+  addTable(ctx: TargetContext): number {
+    const generation = this.nextGeneration++;
+    this.tables.set(generation, { generation, ctx, resumed: false, handoverCancelled: false });
+    return generation;
+  }
+
+  /** Drops a destroyed table (snapshot_dtr); returns how many tables are left on the state. */
+  removeTable(generation: number): number {
+    this.tables.delete(generation);
+    return this.tables.size;
+  }
+
+  /** Makes `inst` (table `generation`) the owner of a state no table owns yet: the first table built on it read the COW. */
+  claimIfUnowned(inst: unknown, generation: number): void {
+    if (this.owner !== undefined) return;
     this.owner = inst;
     this.ownerGeneration = generation;
   }
+
+  /**
+   * The handover source: the owner's table when it has been resumed (Linux s->active), else the newest resumed
+   * table; undefined when no table on the state was resumed.
+   */
+  handoverSource(): SnapshotTable | undefined {
+    let newest: SnapshotTable | undefined;
+    for (const t of this.tables.values()) {
+      if (!t.resumed) continue;
+      if (this.ownerGeneration === t.generation) return t;
+      if (!newest || t.generation > newest.generation) newest = t;
+    }
+    return newest;
+  }
+
+  /** Tables waiting for a handover: built, never resumed, handover not cancelled (`except`: leave that one out). */
+  private waitingTables(except?: number): SnapshotTable[] {
+    return [...this.tables.values()].filter((t) => !t.resumed && !t.handoverCancelled && t.generation !== except);
+  }
+
+  /** Whether table `generation` waits for the exception handover (its status is `0/<COW sectors> 0` until then). */
+  awaitsHandover(generation: number): boolean {
+    const t = this.tables.get(generation);
+    return t !== undefined && !t.resumed && !t.handoverCancelled;
+  }
+
+  /**
+   * Why table `generation` may not resume now, or undefined when it may (Linux snapshot_preresume, drivers/md/dm-snap.c):
+   * while a resumed table (the source) and a table not resumed yet (the destination) share the COW, the source may
+   * not resume before the handover, and the destination only while the source's device is suspended, so that no
+   * I/O changes the exceptions as they move. The messages are the kernel's (DMERR; the ioctl returns -EINVAL).
+   */
+  preresumeRefusal(generation: number): string | undefined {
+    const source = this.handoverSource();
+    if (source === undefined || this.waitingTables(source.generation).length === 0) return undefined;
+    if (source.generation === generation) return 'Unable to resume snapshot source until handover completes.';
+    if (!this.awaitsHandover(generation)) return undefined; // an older, handed-over table: nothing to hand over to it
+    if (!source.ctx.isSuspended()) {
+      return `Unable to perform snapshot handover until source is suspended. (source: ${source.ctx.mappedDeviceName}, not suspended)`;
+    }
+    return undefined;
+  }
+
+  /**
+   * Table `generation` (instance `inst`) resumes (Linux snapshot_resume): it is active from now on, and on its first
+   * resume it takes the state over from the source (__handover_exceptions), unless its handover was cancelled.
+   * Returns whether `inst` owns the state.
+   */
+  resumeTable(inst: unknown, generation: number): boolean {
+    const t = this.tables.get(generation);
+    assert(t !== undefined, 'resumeTable: the table is not on this snapshot state');
+    const source = this.handoverSource();
+    const firstResume = !t.resumed;
+    t.resumed = true;
+    // A source that is not the owner is a table left Invalid (its own handover was cancelled): what it hands over
+    // is Invalid too (__handover_exceptions copies the source's valid flag).
+    const validSource = source === undefined || source.generation === this.ownerGeneration;
+    if (this.owner !== inst && firstResume && !t.handoverCancelled && validSource) {
+      this.owner = inst;
+      this.ownerGeneration = generation;
+    }
+    return this.owner === inst;
+  }
+
+  /**
+   * Table `generation` is being destroyed: when it is the handover source and tables wait for its exceptions (a
+   * reload or snapshot-merge not resumed yet), their handover is cancelled (Linux snapshot_dtr: "Cancelling snapshot
+   * handover."): they stay Invalid and never take over. Returns whether any was cancelled.
+   */
+  cancelHandoverFrom(generation: number): boolean {
+    if (this.handoverSource()?.generation !== generation) return false;
+    const waiting = this.waitingTables(generation);
+    for (const t of waiting) t.handoverCancelled = true;
+    return waiting.length > 0;
+  }
+
   /** The merge driver when a snapshot-merge table uses this state (src/targets/snapshot/merger.ts). */
   merger: unknown = undefined;
   readonly table = new ExceptionTable();
   readonly pending = new Map<number, PendingException>();
-  /** Targets (snapshot tables) using this state. */
-  refs = 0;
   /** Copies in flight (Linux in_progress). */
   inProgress = 0;
   /** Writes waiting for inProgress to drop to COW_THRESHOLD. */

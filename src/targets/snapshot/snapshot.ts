@@ -16,7 +16,7 @@ import { exceptionsLoadedEvent, pinnedExceptions } from '../../replay/snapshot-h
 export interface SnapshotInstance {
   readonly state: SnapshotState;
   readonly ctx: TargetContext;
-  /** Order among the tables built on this state (handover: the newest resumed one owns it). */
+  /** This table's number on the state (SnapshotState.addTable): its handover bookkeeping. */
   readonly generation: number;
 }
 
@@ -47,9 +47,8 @@ export async function snapshotCtr(targetName: string, args: readonly string[], c
     if (existing.origin.device !== origin.device) {
       throw new DmError('DM_TABLE_INVALID', `${targetName}: ${cow.label} is the COW of a snapshot of another origin`);
     }
-    existing.refs++;
     ctx.setMaxIoSectors(existing.chunkSizeSectors);
-    return { state: existing, ctx, generation: existing.generations++ };
+    return { state: existing, ctx, generation: existing.addTable(ctx) };
   }
   const storeType = findExceptionStoreType(upper);
   const persistent = upper !== 'N';
@@ -94,26 +93,24 @@ export async function snapshotCtr(targetName: string, args: readonly string[], c
     await storeType.close(store);
     throw err;
   }
-  state.refs = 1;
   states.set(cow.device, state);
-  // owner is set by the caller to its instance object (see snapshotTarget.ctr).
+  // owner is set by the caller to its instance object (claimIfUnowned, see snapshotTarget.ctr).
   originRegistry(ctx).registerSnapshot(state);
   ctx.setMaxIoSectors(state.chunkSizeSectors);
-  return { state, ctx, generation: state.generations++ };
+  return { state, ctx, generation: state.addTable(ctx) };
 }
 
 export async function snapshotDtr(inst: SnapshotInstance): Promise<void> {
   const s = inst.state;
-  if (s.owner === inst && s.generations > inst.generation + 1) {
-    // The owner goes while newer tables wait for its exceptions (a reload or snapshot-merge not resumed yet): as in
+  if (s.cancelHandoverFrom(inst.generation)) {
+    // The source goes while newer tables wait for its exceptions (a reload or snapshot-merge not resumed yet): as in
     // Linux snapshot_dtr, their handover is cancelled. They stay Invalid; the COW stays as it is (checkpointed
     // here), and origin writes stop copying into it, as for the kernel's inactive destination.
-    s.handoverCancelledBefore = s.generations;
     s.active = false;
     void inst.ctx.log.append({ type: 'snapshot.handover.cancelled', device: inst.ctx.mappedDeviceName, cow: s.cow.label }).catch(() => undefined);
-    if (s.valid && s.refs > 1) await s.checkpoint();
+    if (s.valid) await s.checkpoint();
   }
-  if (--s.refs > 0) return;
+  if (s.removeTable(inst.generation) > 0) return;
   await s.drainPending();
   originRegistry(inst.ctx).unregisterSnapshot(s);
   snapshotStates(inst.ctx).delete(s.cow.device);
@@ -131,8 +128,17 @@ export async function snapshotDtr(inst: SnapshotInstance): Promise<void> {
 export function snapshotStatus(inst: SnapshotInstance): string {
   const s = inst.state;
   if (s.owner === inst) return s.statusText();
-  if (inst.generation > s.ownerGeneration && inst.generation >= s.handoverCancelledBefore) return `0/${s.cow.device.sizeSectors} 0`;
+  if (s.awaitsHandover(inst.generation)) return `0/${s.cow.device.sizeSectors} 0`;
   return 'Invalid';
+}
+
+/**
+ * Linux snapshot_preresume: refuses the resume of a table while the exception handover it is part of cannot run
+ * (see SnapshotState.preresumeRefusal). EINVAL in the kernel.
+ */
+export async function snapshotPreresume(inst: SnapshotInstance): Promise<void> {
+  const why = inst.state.preresumeRefusal(inst.generation);
+  if (why !== undefined) throw new DmError('DM_INVALID_ARGUMENT', why);
 }
 
 function snapshotMap(inst: SnapshotInstance, bio: Bio, ctx: TargetContext): 0 | 1 | 3 {
@@ -186,14 +192,14 @@ export const snapshotTarget: TargetType<SnapshotInstance> = Object.freeze({
   argCountMax: 7,
   async ctr(args: readonly string[], ctx: TargetContext) {
     const inst = await snapshotCtr('snapshot', args, ctx);
-    if (inst.state.owner === undefined) inst.state.takeOwnership(inst, inst.generation);
+    inst.state.claimIfUnowned(inst, inst.generation);
     return inst;
   },
   dtr: snapshotDtr,
   map: snapshotMap,
+  preresume: snapshotPreresume,
   async resume(inst: SnapshotInstance) {
-    inst.state.takeOwnership(inst, inst.generation);
-    if (inst.state.owner !== inst) return; // handed over: stays Invalid
+    if (!inst.state.resumeTable(inst, inst.generation)) return; // handed over (or cancelled): stays Invalid
     inst.state.ctx = inst.ctx;
     inst.state.deviceName = inst.ctx.mappedDeviceName;
     inst.state.active = true;
