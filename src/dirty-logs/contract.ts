@@ -25,6 +25,8 @@
  * mirror_flush) before writing a clear; without it a crash could leave the legs different in a region the log
  * calls clean, which no resync would ever repair.
  *
+ * Read-only logs (DirtyLogOptions.readOnly): as above, minus every write to the log device.
+ *
  * Rules every implementation keeps (the shared conformance suite, src/testing/conformance/dirty-log.ts, checks them):
  * - after markRegion(r) and a resolved flush(), r reads as not clean after a crash and reopen (durable intent);
  * - a region failed with setRegionSync(r, false) (a leg missed a write) is never reported in sync again until a
@@ -71,6 +73,14 @@ export interface DirtyLogOptions {
   readonly extra?: Readonly<Record<string, string>>;
   /** Injected time source (ms), so daemon passes replay exactly in tests. */
   readonly clock: Clock;
+  /**
+   * Read-only (a mirror pinned by a read-only replayed pool, src/replay/mirror-hooks.ts): the log reads its device
+   * at resume and derives which regions are in sync from it exactly as usual, but never writes or flushes it —
+   * not at resume, not for a flush, not at suspend, no daemon pass. The mirror takes no writes in this mode, so
+   * nothing is marked; a flush that would have to make a mark durable rejects with DM_IO, clears are dropped.
+   * Logs without a device (core) have nothing to write anyway.
+   */
+  readonly readOnly?: boolean;
 }
 
 export interface DirtyLogFlushOptions {

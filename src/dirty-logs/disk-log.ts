@@ -18,6 +18,11 @@
  *
  * Failures (status char after the device, as the kernel prints it): A alive, D the log device failed a read or a
  * write, F it failed a flush. A failed log rejects every later flush with DM_IO.
+ *
+ * Read-only (DirtyLogOptions.readOnly, a pinned mirror of a replayed pool): resume reads the buffer and sets the
+ * in-sync regions from it as above (the `sync`/`nosync` rules included, in memory only) but writes and flushes
+ * nothing; flush() and suspend write nothing either (a flush carrying a mark rejects with DM_IO: a read-only mirror
+ * makes none). Status stays `A`: the device has not failed, it is just not written.
  */
 import type { BlockDevice } from '../block/contract.js';
 import { sectors } from '../block/units.js';
@@ -63,6 +68,8 @@ export class DiskLog {
   private next: Promise<void> | undefined = undefined;
   private nextWantsClears = false;
   private inFlightCarriesMarks = false;
+  /** Never write or flush the log device (DirtyLogOptions.readOnly). */
+  readonly readOnly: boolean;
   /** Regions cleared since the last snapshot that carried clears (their records on the device still say dirty). */
   private readonly clearedSinceWritten: Uint8Array;
   /**
@@ -80,6 +87,7 @@ export class DiskLog {
     regionCount: number,
     private readonly flushLegs: (() => Promise<void>) | undefined,
   ) {
+    this.readOnly = options.readOnly === true;
     this.buffer = new Uint8Array(diskLogBufferBytes(regionCount, device.logicalBlockSizeBytes));
     const bits = this.buffer.subarray(DISK_LOG_BITS_OFFSET_BYTES, DISK_LOG_BITS_OFFSET_BYTES + dmLogBitsetBytes(regionCount));
     this.state = new DmLogState('disk', options.regionSizeSectors, options.initialSync, options, bits);
@@ -145,7 +153,7 @@ export class DiskLog {
     st.touchedDirtied = false;
     st.touchedCleaned = false;
     this.clearedSinceWritten.fill(0);
-    if (this.failed) return;
+    if (this.failed || this.readOnly) return;
     try {
       await this.device.write(sectors(0), this.buffer.slice());
     } catch {
@@ -164,6 +172,7 @@ export class DiskLog {
   flush(options?: DirtyLogFlushOptions): Promise<void> {
     if (this.failed) return Promise.reject(new DmError('DM_IO', `disk log ${this.label}: the log device has failed`));
     const st = this.state;
+    if (this.readOnly) return this.readOnlyFlush();
     const clears = options?.clears !== false;
     const needMarks = st.touchedDirtied;
     const needClears = clears && st.touchedCleaned;
@@ -186,6 +195,17 @@ export class DiskLog {
     return this.next;
   }
 
+  /** A read-only log's flush: nothing is written; a mark cannot be made durable, clears are dropped. */
+  private readOnlyFlush(): Promise<void> {
+    const st = this.state;
+    const marks = st.touchedDirtied;
+    st.touchedDirtied = false;
+    st.touchedCleaned = false;
+    this.clearedSinceWritten.fill(0);
+    if (marks) return Promise.reject(new DmError('DM_IO', `disk log ${this.label}: read-only (a replayed pool's pinned mirror): a mark cannot be written`));
+    return RESOLVED;
+  }
+
   private start(marksOnly: boolean): Promise<void> {
     this.inFlightCarriesMarks = this.state.touchedDirtied;
     const p = this.write(marksOnly);
@@ -203,6 +223,7 @@ export class DiskLog {
    * them, so that a mark needs no leg flush; the clears go out with the next flush that asks for them.
    */
   private async write(marksOnly: boolean): Promise<void> {
+    if (this.readOnly) throw new DmError('DM_IO', `disk log ${this.label}: read-only (a replayed pool's pinned mirror)`);
     const st = this.state;
     let dirtied = st.touchedDirtied;
     const cleaned = !marksOnly && st.touchedCleaned;

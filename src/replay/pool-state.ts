@@ -218,6 +218,13 @@ export function clonePoolState(state: PoolState): PoolState {
   };
 }
 
+/** A copy of `state` with exactly the devices of `readOnlyDevices` read-only (a read-only replayed pool's state as it was then). */
+export function withReadOnlyFlags(state: PoolState, readOnlyDevices: ReadonlySet<string>): PoolState {
+  const out = clonePoolState(state);
+  for (const [name, d] of out.devices) d.readOnly = readOnlyDevices.has(name);
+  return out;
+}
+
 // ---- serialization (state snapshots in the log) -----------------------------------------------------------
 
 export const POOL_STATE_FORMAT = 1;

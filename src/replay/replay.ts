@@ -6,11 +6,12 @@
  * data files (origins, COW data chunks) are what they are today; the log does not hold data.
  */
 import { DmError } from '../core/errors.js';
-import { readPoolState, type LevelDb } from '../log/event-log.js';
+import { META_REPLAYED_FROM, readPoolState, type LevelDb } from '../log/event-log.js';
 import type { LoggedEvent } from '../log/events.js';
 import { openPoolDb, poolPaths } from '../frontends/pool.js';
 import { stateDigest } from './digest.js';
-import { applyEvent, emptyPoolState, type MarkState, type PoolState } from './pool-state.js';
+import { applyEvent, emptyPoolState, withReadOnlyFlags, type MarkState, type PoolState } from './pool-state.js';
+import type { ReplayedFromRecord } from './write-pool.js';
 
 export interface ReplayOptions {
   /** Replay up to and including this sequence number (default: the whole log). */
@@ -32,6 +33,12 @@ export interface ReplayResult {
   /** The state snapshot the replay started from (0: the first event). */
   readonly snapshotSeq: number;
   readonly eventsApplied: number;
+  /**
+   * When the pool was written by `replay --into`: where from, and the digest of this replayed state with the
+   * read-only flags of then (a read-only replayed pool makes every device read-only): the replayed point's digest
+   * unless something changed in this pool since.
+   */
+  readonly replayedFrom?: ReplayedFromRecord & { readonly digestWithFlagsOfThen: string };
 }
 
 function checkOptions(options: ReplayOptions): void {
@@ -70,7 +77,12 @@ export async function replay(source: LevelDb | string, options: ReplayOptions = 
     toSeq = mark.seq;
   }
   const r = await readPoolState(source, { toSeq, useSnapshots: options.useSnapshots });
-  return { state: r.state, digest: stateDigest(r.state), seq: r.state.seq, mark, snapshotSeq: r.snapshotSeq, eventsApplied: r.eventsApplied };
+  const from = (await source.sublevel<string, unknown>('meta', { valueEncoding: 'json' }).get(META_REPLAYED_FROM)) as ReplayedFromRecord | undefined;
+  const replayedFrom =
+    from && from.readOnlyDevices !== undefined
+      ? { ...from, digestWithFlagsOfThen: from.readOnly ? stateDigest(withReadOnlyFlags(r.state, new Set(from.readOnlyDevices))) : stateDigest(r.state) }
+      : undefined;
+  return { state: r.state, digest: stateDigest(r.state), seq: r.state.seq, mark, snapshotSeq: r.snapshotSeq, eventsApplied: r.eventsApplied, replayedFrom };
 }
 
 /**

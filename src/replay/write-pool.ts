@@ -4,15 +4,23 @@
  * The new pool is event-sourced like any other: its log holds, for each persistent COW a table names, an
  * 'exceptions.loaded' event with the COW's exceptions as of the replayed point (and the WAL records, in the same
  * batch), then for each device in creation order the events that make it (created, resumed with its live table,
- * its inactive table, suspended), each batch with the device's record. Replaying the new pool gives the same
- * digest as the replayed state (read-only: with every device read-only); that is checked before the pool is put
- * in place. The pool is built in a temporary folder next to DIR2 and renamed at the end, so a failure leaves
- * nothing behind.
+ * its inactive table, suspended), each batch with the device's record. The pool is built in a temporary folder
+ * next to DIR2 and renamed at the end, so a failure leaves nothing behind.
  *
- * Read-only (default): every device is read-only and each COW's exceptions are PINNED (the 'meta' table says so):
- * the snapshot target takes them from the pool instead of the COW's own metadata, which has usually moved on, and
- * writes nothing (no checkpoint, no merge). What the devices read is the metadata of that point over the data
- * files of today.
+ * Read-only (default): every device is read-only, each COW's exceptions are PINNED and so are the mirrors' files
+ * (the 'meta' table says so). The snapshot target takes the exceptions from the pool instead of the COW's own
+ * metadata, which has usually moved on, and writes nothing (no checkpoint, no merge); a mirror naming a pinned
+ * leg or region log (disk log, md bitmap file) reads its log and writes nothing (no log write, no resync, no leg
+ * write: src/replay/mirror-hooks.ts, src/targets/mirror/mirror.ts). What the devices read is the metadata of that
+ * point over the data files of today.
+ *
+ * Digests. The new pool's own digest (what `dmstate replay --pool DIR2` and the served engine's stateDigest()
+ * give) is the replayed state's with every device read-only: the read-only flag is part of a device's state (dmsetup
+ * info shows it), so a device that was writable at the replayed point makes the two differ, and that is the only
+ * difference. So that it is not taken on trust, the new pool records which devices were read-only then ('meta'
+ * replayedFrom.readOnlyDevices); its log, folded and given those flags back, must give exactly the replayed digest
+ * (`replayedDigest`), and its log folded as it is must give the read-only state's digest. Both are checked before
+ * the pool is put in place. With --writable nothing is changed: the two digests are the same.
  *
  * --writable: devices keep their read-only flags and the COWs load as usual (the COW's metadata, then the WAL
  * records past it). That is only the replayed state when each COW on disk still holds a prefix of the replayed
@@ -30,7 +38,8 @@ import { EventLog, META_PINNED_PREFIX, META_REPLAYED_FROM, walGroupKey, type Bat
 import type { DmEvent } from '../log/events.js';
 import { persistentStore } from '../stores/persistent-store.js';
 import { stateDigest } from './digest.js';
-import { clonePoolState, encodeRuns, persistentCowsOfTable, type CowState, type PoolState } from './pool-state.js';
+import { META_PINNED_MIRROR_PREFIX, mirrorFilesOfTable, type PinnedMirrorFile } from './mirror-hooks.js';
+import { clonePoolState, encodeRuns, persistentCowsOfTable, withReadOnlyFlags, type CowState, type PoolState } from './pool-state.js';
 
 export interface WriteReplayedPoolOptions {
   /** Where the state comes from, for the new pool's record ('meta' replayedFrom). */
@@ -41,12 +50,33 @@ export interface WriteReplayedPoolOptions {
   readonly latest?: PoolState;
 }
 
+/** The 'meta' record META_REPLAYED_FROM of a pool written by `replay --into`. */
+export interface ReplayedFromRecord {
+  /** The replayed pool (absolute). */
+  readonly pool: string;
+  readonly seq: number;
+  /** The replayed state's digest. */
+  readonly digest: string;
+  readonly readOnly: boolean;
+  /** Devices read-only at the replayed point (a read-only pool makes every device read-only). Absent in older pools. */
+  readonly readOnlyDevices?: string[];
+}
+
 export interface WriteReplayedPoolResult {
   readonly dir: string;
   readonly devices: number;
   readonly cows: number;
-  /** The digest of the new pool's state (read-only pools: the replayed state with every device read-only). */
+  /** Mirror files (legs, region logs) pinned read-only (read-only pools). */
+  readonly mirrorFiles: number;
+  /**
+   * The digest of the new pool's own state, as `dmstate replay --pool DIR2` and the served engine compute it:
+   * read-only pools: the replayed state with every device read-only; --writable: the replayed digest.
+   */
   readonly digest: string;
+  /** The new pool's state folded from its log with the read-only flags of the replayed point: the replayed digest. */
+  readonly replayedDigest: string;
+  /** Devices writable at the replayed point that the (read-only) new pool makes read-only, sorted: why digest differs. */
+  readonly madeReadOnly: string[];
   /** COWs a table names that the log never saw loaded: written without exceptions; they load as they are today. */
   readonly unknownCows: string[];
 }
@@ -59,6 +89,16 @@ export function replayedPoolState(state: PoolState, writable: boolean): PoolStat
   const out = clonePoolState(state);
   if (!writable) for (const d of out.devices.values()) d.readOnly = true;
   return out;
+}
+
+/** The files the mirror tables of the state name (legs and region logs), with the first device naming each. */
+function namedMirrorFiles(state: PoolState): Map<string, PinnedMirrorFile> {
+  const files = new Map<string, PinnedMirrorFile>();
+  const devices = [...state.devices].sort((a, b) => a[1].order - b[1].order);
+  for (const [name, d] of devices) {
+    for (const f of [...mirrorFilesOfTable(d.live), ...mirrorFilesOfTable(d.inactive)]) if (!files.has(f.label)) files.set(f.label, { device: name, role: f.role });
+  }
+  return files;
 }
 
 /** The persistent COWs the devices' tables name, with the first device naming each. */
@@ -132,24 +172,32 @@ export async function writeReplayedPool(dir: string, state: PoolState, options: 
   }
 
   const expected = replayedPoolState(state, writable);
+  const readOnlyThen = [...state.devices].filter(([, d]) => d.readOnly).map(([name]) => name).sort();
+  const madeReadOnly = writable ? [] : [...state.devices].filter(([, d]) => !d.readOnly).map(([name]) => name).sort();
+  const mirrorFiles = writable ? new Map<string, PinnedMirrorFile>() : namedMirrorFiles(state);
   const tmp = `${target.dir}.replay-${process.pid}`;
   if (fs.existsSync(tmp)) throw new DmError('DM_INVALID_ARGUMENT', `--into: ${tmp} exists (left by an earlier replay?): remove it first`);
   fs.mkdirSync(path.dirname(target.dir), { recursive: true });
   const db = await openPoolDb(poolPaths(tmp), { create: true });
   let digest: string;
+  let replayedDigest: string;
   try {
     const log = await EventLog.open(db, createSystemClock(), { stateSnapshotEvents: 100_000 });
     const appended: Array<Promise<unknown>> = [];
     const put = (event: DmEvent, ops: BatchOp[] = []): void => {
       appended.push(log.append(event, { durable: true, ops }));
     };
+    const replayedFrom: ReplayedFromRecord = {
+      pool: path.resolve(options.sourcePool),
+      seq: state.seq,
+      digest: stateDigest(state),
+      readOnly: !writable,
+      readOnlyDevices: readOnlyThen,
+    };
     put({ type: 'mark', device: '', name: `replayed-from:${path.resolve(options.sourcePool)}@${state.seq}` }, [
-      {
-        type: 'put',
-        sublevel: 'meta',
-        key: META_REPLAYED_FROM,
-        value: { pool: path.resolve(options.sourcePool), seq: state.seq, digest: stateDigest(state), readOnly: !writable },
-      },
+      { type: 'put', sublevel: 'meta', key: META_REPLAYED_FROM, value: replayedFrom },
+      // Read-only: the mirrors' legs and region logs are pinned (no log write, no resync, no leg write).
+      ...[...mirrorFiles].map(([label, file]): BatchOp => ({ type: 'put', sublevel: 'meta', key: META_PINNED_MIRROR_PREFIX + label, value: file })),
     ]);
     for (const [cowKey, device] of cows) {
       const c = expected.cows.get(cowKey);
@@ -199,6 +247,9 @@ export async function writeReplayedPool(dir: string, state: PoolState, options: 
     if (!written) throw new DmError('DM_POOL_CORRUPT', `--into: the new pool's log does not fold: ${log.stateError?.message}`);
     digest = stateDigest(written);
     if (digest !== stateDigest(expected)) throw new DmError('DM_POOL_CORRUPT', '--into: the new pool does not replay to the state written (a bug): not put in place');
+    // ... and, with the read-only flags of then, to the replayed state itself.
+    replayedDigest = stateDigest(withReadOnlyFlags(written, new Set(readOnlyThen)));
+    if (replayedDigest !== replayedFrom.digest) throw new DmError('DM_POOL_CORRUPT', '--into: the new pool does not replay to the replayed state (a bug): not put in place');
   } catch (err) {
     await db.close();
     fs.rmSync(tmp, { recursive: true, force: true });
@@ -207,5 +258,14 @@ export async function writeReplayedPool(dir: string, state: PoolState, options: 
   await db.close();
   if (fs.existsSync(target.dir)) fs.rmdirSync(target.dir);
   fs.renameSync(tmp, target.dir);
-  return { dir: target.dir, devices: expected.devices.size, cows: cows.size - unknownCows.length, digest, unknownCows };
+  return {
+    dir: target.dir,
+    devices: expected.devices.size,
+    cows: cows.size - unknownCows.length,
+    mirrorFiles: mirrorFiles.size,
+    digest,
+    replayedDigest,
+    madeReadOnly,
+    unknownCows,
+  };
 }

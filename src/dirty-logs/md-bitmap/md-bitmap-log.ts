@@ -21,6 +21,9 @@
  * is NEEDED: never cleared until a resync.
  *
  * Status: `3 md-bitmap <bitmap_dev> <A|D|F>` (A alive, D a read or write failed, F a flush failed).
+ *
+ * Read-only (DirtyLogOptions.readOnly, a pinned mirror of a replayed pool): the file is read at resume and never
+ * written (md-bitmap.ts); status stays `A`.
  */
 import { sectors } from '../../block/units.js';
 import { assert } from '../../core/assert.js';
@@ -157,6 +160,7 @@ export const mdBitmapLog: DirtyLogType<MdBitmapLog> = Object.freeze({
       daemonSleepSeconds,
       clock: options.clock,
       flushLegs: options.flushLegs,
+      readOnly: options.readOnly,
     });
     const tableArgs = [label, String(chunkSizeSectors), String(daemonSleepSeconds)];
     if (options.initialSync !== 'resync') tableArgs.push(options.initialSync);

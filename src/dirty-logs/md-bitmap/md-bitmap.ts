@@ -37,6 +37,11 @@
  * `nosync` clears every bit. (md loads set bits of a cleanly stopped, non-degraded array without NEEDED and lets
  * the daemon clear them; dmstate keeps no clean-shutdown flag, so it resyncs them.) The whole image is written and
  * flushed with events + 1.
+ *
+ * Read-only (MdBitmapOptions.readOnly, a pinned mirror of a replayed pool): load reads the file and sets the
+ * counters from it by the same rules, in memory only — events stay as the file has them, no page is written, the
+ * daemon never runs — and nothing is written afterwards: unplug() resolves when no bit was set (it rejects with
+ * DM_IO when one was: it cannot be made durable), suspend (flushAll) writes nothing, close writes nothing.
  */
 import type { BlockDevice } from '../../block/contract.js';
 import { sectors, type Sector } from '../../block/units.js';
@@ -90,6 +95,8 @@ export interface MdBitmapOptions {
   readonly clock: Clock;
   /** Makes every completed data write durable on every leg; called before any bit is cleared. */
   readonly flushLegs?: () => Promise<void>;
+  /** Read the file, never write or flush it (see the file header). */
+  readonly readOnly?: boolean;
 }
 
 /** Bytes the device must hold from the offset: superblock and bits, rounded up to the logical block. */
@@ -140,6 +147,8 @@ export class MdBitmap {
   lastReaddDecision: MdBitmapReaddDecision | undefined = undefined;
   /** Daemon passes run (tests and status). */
   daemonPassCount = 0;
+  /** Never write or flush the device (a replayed pool's pinned mirror). */
+  readonly readOnly: boolean;
 
   private readonly pageAttrs: Uint8Array;
   private readonly flushLegs: (() => Promise<void>) | undefined;
@@ -182,6 +191,7 @@ export class MdBitmap {
     this.flushLegs = options.flushLegs;
     this.clock = options.clock;
     this.lastRunMs = options.clock.nowMs();
+    this.readOnly = options.readOnly === true;
   }
 
   get failed(): boolean {
@@ -386,6 +396,13 @@ export class MdBitmap {
   unplug(options?: { clears?: boolean }): Promise<void> {
     if (this.closed) return Promise.reject(this.closedError());
     if (this.failed) return Promise.reject(this.failedError());
+    if (this.readOnly) {
+      // Nothing goes to the device: a set bit cannot be made durable; cleared bits stay in memory.
+      const marks = this.markSeq > this.durableMarkSeq;
+      this.pageAttrs.fill(0);
+      this.durableMarkSeq = this.markSeq;
+      return marks ? Promise.reject(this.readOnlyError()) : RESOLVED;
+    }
     const clears = options?.clears !== false;
     const pagesWaiting = clears && this.anyPageToWrite();
     if (this.markSeq > this.durableMarkSeq || pagesWaiting) {
@@ -398,6 +415,10 @@ export class MdBitmap {
 
   private closedError(): DmError {
     return new DmError('DM_CLOSED', `md bitmap ${this.label}: closed`);
+  }
+
+  private readOnlyError(): DmError {
+    return new DmError('DM_IO', `md bitmap ${this.label}: read-only (a replayed pool's pinned mirror): nothing is written`);
   }
 
   private failedError(): DmError {
@@ -428,6 +449,7 @@ export class MdBitmap {
   private async writePass(): Promise<void> {
     if (this.closed) throw this.closedError();
     if (this.failed) throw this.failedError();
+    if (this.readOnly) throw this.readOnlyError();
     const pages: number[] = [];
     let carriesMarks = false;
     for (let p = 0; p < this.filePageCount; p++) {
@@ -507,7 +529,7 @@ export class MdBitmap {
     this.daemonBusy = true;
     try {
       this.lastRunMs = this.clock.nowMs();
-      if (this.allClean || this.failed) return;
+      if (this.allClean || this.failed || this.readOnly) return;
       this.daemonPassCount++;
       this.allClean = true;
       for (let p = 0; p < this.filePageCount; p++) {
@@ -602,6 +624,11 @@ export class MdBitmap {
         this.counters.setMemoryBits(c, true);
       }
     }
+    if (this.readOnly) {
+      // As the file says, in memory only: no event, no page written, no daemon.
+      this.durableMarkSeq = this.markSeq;
+      return;
+    }
     this.events += 1n;
     // md: a stale bitmap is started over with events_cleared = the array's events.
     if (stale) this.eventsCleared = this.events;
@@ -623,6 +650,10 @@ export class MdBitmap {
    */
   async flushAll(): Promise<void> {
     this.stopDaemonTimer();
+    if (this.readOnly) {
+      this.active = false;
+      return;
+    }
     for (let i = 0; i < FLUSH_DAEMON_PASSES; i++) await this.runDaemon();
     this.active = false;
     this.stopDaemonTimer();

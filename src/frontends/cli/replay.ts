@@ -8,7 +8,7 @@ import { parseUnsigned } from '../../core/parse-number.js';
 import { compactLog, type CompactResult } from '../../log/event-log.js';
 import { canonicalState, stateDigest } from '../../replay/digest.js';
 import { applyEvent, emptyPoolState, type MarkState, type PoolState } from '../../replay/pool-state.js';
-import { findMark, replay } from '../../replay/replay.js';
+import { findMark, replay, type ReplayResult } from '../../replay/replay.js';
 import { writeReplayedPool, type WriteReplayedPoolResult } from '../../replay/write-pool.js';
 import { ControlClient } from '../control-client.js';
 import { openPoolDb, poolPaths } from '../pool.js';
@@ -29,9 +29,13 @@ snapshot therefore reads today's COW chunks for the exceptions it had then, and 
   --to SEQ          replay up to event SEQ (dmstate log prints the sequence numbers)
   --to-mark NAME    replay up to the newest mark of that name
   --into DIR2       also write the state as a new pool in DIR2 (a folder that does not exist or is empty), ready
-                    for dmstate serve --pool DIR2. Read-only by default: every device is read-only, and each
+                    for dmstate serve --pool DIR2. Read-only by default: every device is read-only, each
                     snapshot's exceptions are pinned to those of the replayed point (the COW's own metadata is not
-                    used; nothing is written to any file, no merge runs).
+                    used; no merge runs), and so are the mirrors' legs and region logs (the log is read, never
+                    written; no resync runs): nothing is written to any file. The new pool's own digest is then
+                    the replayed state's with every device read-only; the output names the devices that makes
+                    read-only and checks that the new pool's log, given the read-only flags of then back, gives
+                    the replay's digest exactly.
   --writable        with --into: keep the devices' read-only flags and load the COWs as usual. Allowed only when
                     every COW (a file) still holds a prefix of the replayed exceptions (true for the latest state);
                     a COW that moved on is refused, naming it
@@ -103,6 +107,8 @@ function parseReplayArgs(pool: string, argv: readonly string[]): ReplayArgs | 'h
 
 interface Replayed {
   readonly state: PoolState;
+  /** Read from the database: the pool was written by replay --into (see ReplayResult.replayedFrom). */
+  readonly replayedFrom?: ReplayResult['replayedFrom'];
   readonly mark?: MarkState;
   readonly snapshotSeq: number;
   readonly eventsApplied: number;
@@ -204,7 +210,7 @@ export async function runReplay(pool: string, argv: readonly string[], out: Node
     }
   } else {
     const res = await replay(args.pool, { toSeq: args.toSeq, toMark: args.toMark, useSnapshots: args.useSnapshots });
-    r = { state: res.state, mark: res.mark, snapshotSeq: res.snapshotSeq, eventsApplied: res.eventsApplied, via: 'database' };
+    r = { state: res.state, mark: res.mark, snapshotSeq: res.snapshotSeq, eventsApplied: res.eventsApplied, via: 'database', replayedFrom: res.replayedFrom };
   }
   const digest = stateDigest(r.state);
   let into: WriteReplayedPoolResult | undefined;
@@ -226,7 +232,16 @@ export async function runReplay(pool: string, argv: readonly string[], out: Node
         eventsApplied: r.eventsApplied,
         ...s,
         digest,
-        into: into && { dir: into.dir, readOnly: !args.writable, digest: into.digest, unknownCows: into.unknownCows },
+        replayedFrom: r.replayedFrom,
+        into: into && {
+          dir: into.dir,
+          readOnly: !args.writable,
+          digest: into.digest,
+          replayedDigest: into.replayedDigest,
+          madeReadOnly: into.madeReadOnly,
+          mirrorFiles: into.mirrorFiles,
+          unknownCows: into.unknownCows,
+        },
         state: args.printState ? canonicalState(r.state) : undefined,
       }) + '\n',
     );
@@ -241,11 +256,28 @@ export async function runReplay(pool: string, argv: readonly string[], out: Node
       `marks: ${s.marks}\n` +
       `digest: ${digest}\n`,
   );
-  if (into) {
+  const from = r.replayedFrom;
+  if (from?.readOnly) {
+    // A read-only replayed pool: its digest is the replayed point's with every device read-only; say so.
+    const same = from.digestWithFlagsOfThen === from.digest;
     out.write(
-      `wrote pool ${into.dir} (${args.writable ? 'writable' : 'read-only, exceptions pinned'}): ${into.devices} devices, ${into.cows} COWs; ` +
-        `digest ${into.digest}\nserve it with: dmstate serve --pool ${into.dir}\n`,
+      `this pool was written by dmstate replay --into from ${from.pool} at #${from.seq}, read-only: every device made read-only ` +
+        `(read-only then: ${from.readOnlyDevices!.join(', ') || 'none'});\n` +
+        `  with the read-only flags of then: digest ${from.digestWithFlagsOfThen} (${same ? 'the digest of the replayed point' : `not ${from.digest} of the replayed point: this pool changed since`})\n`,
     );
+  }
+  if (into) {
+    const pins = args.writable ? 'writable' : `read-only, exceptions pinned${into.mirrorFiles > 0 ? `, ${into.mirrorFiles} mirror/log-writes files pinned` : ''}`;
+    out.write(`wrote pool ${into.dir} (${pins}): ${into.devices} devices, ${into.cows} COWs; digest ${into.digest}\n`);
+    if (into.digest === digest) out.write(`  = the replay's digest\n`);
+    else {
+      // The only legitimate difference (write-pool.ts checks it): the read-only flags a read-only pool sets.
+      out.write(
+        `  = the replayed state with every device read-only (made read-only: ${into.madeReadOnly.join(', ')}), the only difference from the replay's digest;\n` +
+          `  the new pool's log with the read-only flags of #${r.state.seq} gives ${into.replayedDigest === digest ? "the replay's digest" : 'ANOTHER digest'}: ${into.replayedDigest}\n`,
+      );
+    }
+    out.write(`serve it with: dmstate serve --pool ${into.dir}\n`);
     for (const c of into.unknownCows) out.write(`note: the log never saw COW ${c} loaded: it loads as it is today\n`);
   }
   if (args.printState) out.write(JSON.stringify(canonicalState(r.state), null, 2) + '\n');

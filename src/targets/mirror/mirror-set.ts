@@ -12,6 +12,7 @@
  */
 import type { Sector } from '../../block/units.js';
 import type { AnyDirtyLogType } from '../../dirty-logs/contract.js';
+import { DmError } from '../../core/errors.js';
 import type { TargetContext } from '../../core/target-contract.js';
 import type { KcopydClient } from '../../kcopyd/kcopyd.js';
 import type { DmEvent } from '../../log/events.js';
@@ -37,6 +38,8 @@ export interface MirrorSetOptions {
   readonly handleErrors: boolean;
   readonly keepLog: boolean;
   readonly kcopyd: KcopydClient;
+  /** Pinned by a read-only replayed pool: no leg or log write, no resync (mirror.ts). Default false. */
+  readonly readOnly?: boolean;
 }
 
 export class MirrorSet {
@@ -48,6 +51,8 @@ export class MirrorSet {
   readonly regionCount: number;
   readonly handleErrors: boolean;
   readonly keepLog: boolean;
+  /** Pinned by a read-only replayed pool: writes nothing to its legs or log, runs no resync (mirror.ts). */
+  readonly readOnly: boolean;
   readonly rh: RegionHash;
   readonly flushers: readonly LegFlusher[];
   readonly resync: ResyncDriver;
@@ -73,6 +78,7 @@ export class MirrorSet {
     this.regionCount = o.logType.regionCount(o.log);
     this.handleErrors = o.handleErrors;
     this.keepLog = o.keepLog;
+    this.readOnly = o.readOnly === true;
     this.flushers = o.legs.map((l) => new LegFlusher(l.device));
     this.rh = new RegionHash(this.regionCount, o.logType, o.log, {
       marked: (region) => {
@@ -155,6 +161,7 @@ export class MirrorSet {
 
   /** Clears a leg's errors and resyncs what it missed (regions out of sync in the log). */
   readdLeg(leg: MirrorLeg): Promise<void> {
+    if (this.readOnly) return Promise.reject(new DmError('DM_NOT_SUPPORTED', `mirror: ${this.deviceName} is read-only (pinned by a replayed pool): no re-add`));
     leg.reset();
     if (!this.degraded) this.logType.setDegraded(this.log, false);
     const p = this.append({ type: 'mirror.leg.readded', device: this.deviceName, leg: leg.index, label: leg.label }, true);

@@ -11,16 +11,35 @@
  * Messages (dmstate's; the kernel's mirror takes none): `readd <leg index | leg label>` re-adds a failed leg and
  * resyncs what it missed; `resync-status` prints the resync state and counts; `resync-throttle <1..100>` sets the
  * percentage of time the resync may copy.
+ *
+ * Read-only (pinned) mirrors: a read-only replayed pool (`dmstate replay --into` without --writable) pins the legs
+ * and region logs its mirror tables name (src/replay/mirror-hooks.ts), as it pins its snapshots' exceptions. A
+ * mirror table naming a pinned file runs read-only, and leaves every file as it found it:
+ *   - the legs and the log device are reached only through ReadOnlyGuardDevice (writes refused, flush a no-op);
+ *   - the region log is created read-only: it reads the log device at resume and never writes it (no header or
+ *     bits at resume, no mark or clear, no md daemon pass, nothing at suspend);
+ *   - write and discard bios fail with DM_IO (the device is read-only anyway), flush bios complete at once;
+ *   - no resync runs (the driver never asks the log for work: resync-driver.ts), `readd` is refused.
+ * Reads work as in any mirror: a region the log says is in sync from any leg, another from the default leg.
+ * Status: the kernel's format unchanged, showing what the kernel shows for a mirror whose recovery is not running
+ * (a suspended one): the sync count as the log on disk has it (e.g. `30/32` when a crash left two regions
+ * dirty; it does not move), every leg `A` and the log `A` — nothing has failed, so no `D`/`F` that would tell LVM
+ * to repair anything, and no claim that regions are in sync that the log says are not. `resync-status` says
+ * `state=STOPPED` (as for a suspended mirror) or `state=IN_SYNC` when the log has every region in sync, followed by
+ * ` read_only=1`.
  */
+import type { BlockDevice } from '../../block/contract.js';
 import type { Sector } from '../../block/units.js';
-import { MAP_HELD, type Bio } from '../../core/bio.js';
+import { MAP_DONE, MAP_HELD, MAP_KILL, type Bio } from '../../core/bio.js';
 import { DmError } from '../../core/errors.js';
 import type { DeviceRef, TargetContext, TargetType } from '../../core/target-contract.js';
 import { findDirtyLogType } from '../../dirty-logs/log-registry.js';
 import { KcopydClient } from '../../kcopyd/kcopyd.js';
+import { pinnedMirrorLabels } from '../../replay/mirror-hooks.js';
 import { MirrorLeg } from './leg.js';
 import { MirrorSet } from './mirror-set.js';
 import { mapRead } from './read-path.js';
+import { ReadOnlyGuardDevice } from './read-only-guard.js';
 import { parseMirrorTableArgs } from './table-args.js';
 import { startFlushGroup, startWriteGroup } from './write-group.js';
 
@@ -36,27 +55,34 @@ async function mirrorCtr(args: readonly string[], ctx: TargetContext): Promise<M
   const logType = findDirtyLogType(a.logTypeName);
   if (!logType) throw new DmError('DM_TABLE_INVALID', `mirror: Error creating mirror dirty log: unknown log type "${a.logTypeName}"`);
   const parsed = logType.parseArgs(a.logArgs);
-  const legs: MirrorLeg[] = [];
-  for (const [i, l] of a.legs.entries()) {
+  const legRefs: DeviceRef[] = [];
+  for (const l of a.legs) {
     const ref = await ctx.openDevice(l.spec);
     if (l.offsetSectors + ctx.lengthSectors > ref.device.sizeSectors) {
       throw new DmError('DM_TABLE_INVALID', `mirror: ${ref.label} too small for target: offset ${l.offsetSectors} + len ${ctx.lengthSectors} > dev_size ${ref.device.sizeSectors}`);
     }
-    legs.push(new MirrorLeg(i, ref.device, ref.label, l.offsetSectors as Sector));
+    legRefs.push(ref);
   }
   let logRef: DeviceRef | undefined;
   if (parsed.logPath !== undefined) logRef = await ctx.openDevice(parsed.logPath);
+  // A read-only replayed pool pins the files of its mirrors: such a mirror writes none of them (see the header).
+  const pinned = await pinnedMirrorLabels(ctx.log, [...(logRef ? [logRef.label] : []), ...legRefs.map((r) => r.label)]);
+  const readOnly = pinned.length > 0;
+  const why = `mirror ${ctx.mappedDeviceName} is read-only: ${pinned.join(', ')} pinned by a replayed pool`;
+  const view = (d: BlockDevice): BlockDevice => (readOnly ? new ReadOnlyGuardDevice(d, why) : d);
+  const legs = legRefs.map((ref, i) => new MirrorLeg(i, view(ref.device), ref.label, a.legs[i].offsetSectors as Sector));
   // The log's flushLegs needs the set, which needs the log: the callback looks the set up when it runs.
   const holder: { set?: MirrorSet } = {};
   const log: unknown = await logType.create({
     targetSizeSectors: ctx.lengthSectors,
     regionSizeSectors: parsed.regionSizeSectors,
     initialSync: parsed.initialSync,
-    logDevice: logRef?.device,
+    logDevice: logRef && view(logRef.device),
     logDeviceLabel: logRef?.label,
     extra: parsed.extra,
     clock: ctx.clock,
     flushLegs: () => holder.set!.flushAllLegs(),
+    readOnly,
   });
   let set: MirrorSet;
   try {
@@ -69,6 +95,7 @@ async function mirrorCtr(args: readonly string[], ctx: TargetContext): Promise<M
       handleErrors: a.handleErrors,
       keepLog: a.keepLog,
       kcopyd: mirrorKcopyd(ctx),
+      readOnly,
     });
   } catch (err) {
     await logType.close(log);
@@ -92,7 +119,9 @@ async function mirrorMessage(inst: MirrorInstance, args: readonly string[]): Pro
   switch (args[0]) {
     case 'readd': {
       if (args.length !== 2) throw new DmError('DM_INVALID_ARGUMENT', 'mirror: usage: readd <leg index | leg device>');
-      await set.readdLeg(findLeg(set, args[1]));
+      const leg = findLeg(set, args[1]);
+      if (set.readOnly) throw new DmError('DM_NOT_SUPPORTED', `mirror: ${set.deviceName} is read-only (its files are pinned by a replayed pool): no re-add, no resync`);
+      await set.readdLeg(leg);
       return '';
     }
     case 'resync-status': {
@@ -100,7 +129,8 @@ async function mirrorMessage(inst: MirrorInstance, args: readonly string[]): Pro
       const p = set.resync.progress();
       return (
         `state=${p.state} regions_in_sync=${p.regionsInSync} regions_total=${p.regionsTotal} regions_copied=${p.regionsCopied} ` +
-        `run_regions_copied=${p.runRegionsCopied} run_ms=${Math.round(p.runElapsedMs)} throttle=${p.throttlePercent} default_leg=${set.defaultLegIndex} health=${set.healthChars()}\n`
+        `run_regions_copied=${p.runRegionsCopied} run_ms=${Math.round(p.runElapsedMs)} throttle=${p.throttlePercent} default_leg=${set.defaultLegIndex} health=${set.healthChars()}` +
+        `${set.readOnly ? ' read_only=1' : ''}\n`
       );
     }
     case 'resync-throttle': {
@@ -129,6 +159,8 @@ export const mirrorTarget: TargetType<MirrorInstance> = Object.freeze({
   map(inst: MirrorInstance, bio: Bio, ctx: TargetContext) {
     const s = inst.set;
     if (bio.op === 'read') return mapRead(s, bio, ctx);
+    // Read-only (pinned): nothing was written, so a flush has nothing to do; a write or discard fails.
+    if (s.readOnly) return bio.op === 'flush' ? MAP_DONE : MAP_KILL;
     if (bio.op === 'flush') startFlushGroup(s, bio, ctx);
     else startWriteGroup(s, bio, ctx);
     return MAP_HELD;

@@ -6,6 +6,9 @@
  * throttle says and go on. Progress is in `dmsetup status` (the sync count), in `message NAME 0 resync-status`,
  * and in mirror.resync.progress / mirror.resync.done events.
  *
+ * A read-only mirror (pinned by a replayed pool) never asks the log for work: SCANNING goes to IN_SYNC when every
+ * region is in sync, else to STOPPED, as a suspended mirror's resync.
+ *
  * Throttle (Linux dm-kcopyd's throttle, a percentage of time): after a copy that took T ms the driver waits
  * T × (100 − p) / p ms on the injected clock; 100 (the default) does not wait.
  */
@@ -133,6 +136,8 @@ export class ResyncDriver {
       case 'SCANNING': {
         if (this.stopRequested) return this.send(E.STOP);
         if (ms.degraded) return this.send(E.DEGRADE);
+        // A read-only (pinned) mirror copies nothing: in sync when the log says so, else stopped as if suspended.
+        if (ms.readOnly) return this.send(ms.logType.syncCount(ms.log) === ms.regionCount ? E.NO_WORK : E.STOP);
         const r = ms.logType.getResyncWork(ms.log);
         if (r === undefined) return this.send(E.NO_WORK);
         this.region = r;
