@@ -115,6 +115,12 @@ export class Daemon {
       case 'ping':
         send({ id: req.id, op: 'pong', pid: process.pid, pool: this.paths.dir });
         return;
+      case 'state': {
+        // Stored first, then read together (no await between): the digest is the state the log folds to at `seq`.
+        await this.engine.log.drain();
+        send({ id: req.id, op: 'state', seq: this.engine.log.lastSeq, digest: this.engine.stateDigest() });
+        return;
+      }
       case 'dmsetup': {
         const result = await executeDmsetup(this.engine, req.command, DMSTATE_VERSION);
         send({ id: req.id, op: 'dmsetup', result });

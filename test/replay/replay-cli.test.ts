@@ -15,6 +15,10 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { openPool } from '../../src/frontends/open-pool.js';
 import { sectors } from '../../src/block/units.js';
 import { replay } from '../../src/replay/replay.js';
+import { formatLiveCheck, replayToLiveState } from '../../src/frontends/cli/replay.js';
+import type { ControlClient } from '../../src/frontends/control-client.js';
+import { stateDigest } from '../../src/replay/digest.js';
+import { emptyPoolState } from '../../src/replay/pool-state.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CLI = path.join(ROOT, 'bin/dmstate.js');
@@ -68,6 +72,49 @@ async function stop(server: Server): Promise<void> {
 
 const sha = (file: string): string => createHash('sha256').update(fs.readFileSync(file)).digest('hex');
 const json = (r: CliResult): Record<string, unknown> => JSON.parse(r.stdout) as Record<string, unknown>;
+
+describe('dmstate replay: the live digest check through a daemon', () => {
+  /** A daemon with an empty log whose answers to `state` are `digests`, one per call (the last one repeated). */
+  function fakeDaemon(digests: string[]): { client: ControlClient; stateCalls: () => number } {
+    let calls = 0;
+    const client = {
+      request: async (body: { op: string }) => {
+        expect(body.op).toBe('state');
+        const digest = digests[Math.min(calls++, digests.length - 1)];
+        return { id: 1, op: 'state', seq: 0, digest };
+      },
+      stream: async (body: { op: string }, on: (r: { id: number; op: string }) => boolean) => {
+        expect(body.op).toBe('log');
+        on({ id: 1, op: 'end' });
+      },
+    } as unknown as ControlClient;
+    return { client, stateCalls: () => calls };
+  }
+  const args = { pool: '/nowhere', writable: false, useSnapshots: true, json: false, printState: false } as unknown as Parameters<typeof replayToLiveState>[1];
+  const empty = stateDigest(emptyPoolState());
+
+  test('equal at once: one attempt', async () => {
+    const d = fakeDaemon([empty]);
+    const r = await replayToLiveState(d.client, args);
+    expect(r.live).toEqual({ seq: 0, digest: empty, equal: true, attempts: 1 });
+    expect(formatLiveCheck(r.live!, empty)).toBe("live digest (the running engine's own state at #0): equal\n");
+  });
+
+  test('unequal, then equal (an event stored late): asked again', async () => {
+    const d = fakeDaemon(['f'.repeat(64), empty]);
+    const r = await replayToLiveState(d.client, args);
+    expect(r.live).toMatchObject({ equal: true, attempts: 2 });
+    expect(d.stateCalls()).toBe(2);
+  });
+
+  test('unequal three times: DIFFERS, said plainly', async () => {
+    const d = fakeDaemon(['f'.repeat(64)]);
+    const r = await replayToLiveState(d.client, args);
+    expect(r.live).toMatchObject({ equal: false, attempts: 3, digest: 'f'.repeat(64) });
+    expect(d.stateCalls()).toBe(3);
+    expect(formatLiveCheck(r.live!, empty)).toMatch(/^live digest \(the running engine's own state at #0\): f{64} DIFFERS from the replay's [0-9a-f]{64} \(3 attempts\): the log does not rebuild the running state/);
+  });
+});
 
 describe('dmstate replay', () => {
   let dir: string;
@@ -169,6 +216,16 @@ describe('dmstate replay', () => {
       expect(r.via).toBe('daemon');
       // The restored engine loaded what the log says (its exceptions.loaded events change nothing).
       expect(r.digest).toBe(finalDigest);
+      // To the end of a served pool: the daemon's live digest (from its engine's objects) at the position replayed
+      // to, equal to the replay's.
+      const live = r.live as { seq: number; digest: string; equal: boolean; attempts: number };
+      expect(live).toMatchObject({ digest: finalDigest, equal: true, attempts: 1 });
+      expect(live.seq).toBe(r.seq);
+      const text = await cli(['replay', '--pool', pool], dir);
+      expect(text.code, text.stderr).toBe(0);
+      expect(text.stdout).toContain(`live digest (the running engine's own state at #${live.seq}): equal\n`);
+      // A replay to a point in the past is not compared with the live state.
+      expect(json(await cli(['replay', '--pool', pool, '--to-mark', 'second', '--json'], dir)).live).toBeUndefined();
       expect(json(await cli(['replay', '--pool', pool, '--to-mark', 'second', '--json'], dir)).digest).toBe(digestAt.get('second'));
       const locked = await cli(['log', 'compact', '--pool', pool, '--before', '20'], dir);
       expect(locked.code).toBe(1);

@@ -44,14 +44,17 @@ snapshot therefore reads today's COW chunks for the exceptions it had then, and 
   --state           also print the state itself (canonical JSON: devices, tables, exceptions as runs)
 
 With a daemon on the pool the events come through it; without one the pool's database is read directly (and
-its state snapshots make a long log quick).
+its state snapshots make a long log quick). A replay to the end of a served pool also asks the daemon for the
+digest of its running engine (computed from the engine's own objects, not from the log) at the log position it
+belongs to, replays to exactly that position, and prints whether the two are equal; they must be. Unequal three
+times in a row (the pool may change while it is read), the command exits 1.
 
 usage: dmstate log compact [--pool DIR] --before SEQ
   Deletes the events up to the newest state snapshot at or before SEQ, and the older snapshots (the pool stores
   one every 100000 events). Replay to an earlier point is impossible afterwards. Stop the daemon first.
 `;
 
-interface ReplayArgs {
+export interface ReplayArgs {
   pool: string;
   toSeq?: number;
   toMark?: string;
@@ -105,7 +108,7 @@ function parseReplayArgs(pool: string, argv: readonly string[]): ReplayArgs | 'h
   return a;
 }
 
-interface Replayed {
+export interface Replayed {
   readonly state: PoolState;
   /** Read from the database: the pool was written by replay --into (see ReplayResult.replayedFrom). */
   readonly replayedFrom?: ReplayResult['replayedFrom'];
@@ -113,6 +116,40 @@ interface Replayed {
   readonly snapshotSeq: number;
   readonly eventsApplied: number;
   readonly via: 'database' | 'daemon';
+  /** Through the daemon, to the end of the log: its engine's live digest at the position replayed to. */
+  readonly live?: LiveCheck;
+}
+
+/** The running engine's digest at #seq, against the replay of the stored log to #seq. */
+export interface LiveCheck {
+  readonly seq: number;
+  readonly digest: string;
+  readonly equal: boolean;
+  /** Replays it took (a pool that changed meanwhile is asked again, up to LIVE_CHECK_ATTEMPTS). */
+  readonly attempts: number;
+}
+
+const LIVE_CHECK_ATTEMPTS = 3;
+
+async function liveState(client: ControlClient): Promise<{ seq: number; digest: string }> {
+  const r = await client.request({ op: 'state' });
+  if (r.op === 'error') throw new DmError(r.code as never, r.message);
+  if (r.op !== 'state') throw new DmError('DM_NO_DAEMON', `unexpected answer from the daemon: ${r.op}`);
+  return { seq: r.seq, digest: r.digest };
+}
+
+/**
+ * Replay to the end of a served pool, checked against the daemon's live state: the live digest at #S is read
+ * first, then the stored log folded to #S. Events appended meanwhile may not be stored yet when the log is read:
+ * an unequal pair is asked again, up to LIVE_CHECK_ATTEMPTS times.
+ */
+export async function replayToLiveState(client: ControlClient, args: ReplayArgs): Promise<Replayed> {
+  for (let attempt = 1; ; attempt++) {
+    const live = await liveState(client);
+    const r = await replayThroughDaemon(client, { ...args, toSeq: live.seq, toMark: undefined });
+    const equal = stateDigest(r.state) === live.digest;
+    if (equal || attempt === LIVE_CHECK_ATTEMPTS) return { ...r, live: { ...live, equal, attempts: attempt } };
+  }
 }
 
 /** Streams the daemon's stored log from #1, calling `onEvent` until it returns false. */
@@ -204,7 +241,7 @@ export async function runReplay(pool: string, argv: readonly string[], out: Node
   let r: Replayed;
   if (client) {
     try {
-      r = await replayThroughDaemon(client, args);
+      r = args.toSeq === undefined && args.toMark === undefined ? await replayToLiveState(client, args) : await replayThroughDaemon(client, args);
     } finally {
       client.close();
     }
@@ -232,6 +269,7 @@ export async function runReplay(pool: string, argv: readonly string[], out: Node
         eventsApplied: r.eventsApplied,
         ...s,
         digest,
+        live: r.live,
         replayedFrom: r.replayedFrom,
         into: into && {
           dir: into.dir,
@@ -245,7 +283,7 @@ export async function runReplay(pool: string, argv: readonly string[], out: Node
         state: args.printState ? canonicalState(r.state) : undefined,
       }) + '\n',
     );
-    return 0;
+    return r.live?.equal === false ? 1 : 0;
   }
   const target = r.mark ? `mark "${r.mark.name}" (#${r.mark.seq})` : args.toSeq !== undefined ? `#${args.toSeq}` : 'the end of the log';
   const start = r.snapshotSeq > 0 ? `state snapshot #${r.snapshotSeq} + ${r.eventsApplied} events` : `${r.eventsApplied} events`;
@@ -256,6 +294,7 @@ export async function runReplay(pool: string, argv: readonly string[], out: Node
       `marks: ${s.marks}\n` +
       `digest: ${digest}\n`,
   );
+  if (r.live) out.write(formatLiveCheck(r.live, digest));
   const from = r.replayedFrom;
   if (from?.readOnly) {
     // A read-only replayed pool: its digest is the replayed point's with every device read-only; say so.
@@ -281,7 +320,16 @@ export async function runReplay(pool: string, argv: readonly string[], out: Node
     for (const c of into.unknownCows) out.write(`note: the log never saw COW ${c} loaded: it loads as it is today\n`);
   }
   if (args.printState) out.write(JSON.stringify(canonicalState(r.state), null, 2) + '\n');
-  return 0;
+  return r.live?.equal === false ? 1 : 0;
+}
+
+/** The live-digest line of a replay through the daemon. */
+export function formatLiveCheck(live: LiveCheck, replayDigest: string): string {
+  if (live.equal) return `live digest (the running engine's own state at #${live.seq}): equal\n`;
+  return (
+    `live digest (the running engine's own state at #${live.seq}): ${live.digest} DIFFERS from the replay's ${replayDigest} ` +
+    `(${live.attempts} attempts): the log does not rebuild the running state; this is a bug, please report it with \`dmstate log --pool DIR\`\n`
+  );
 }
 
 export async function runLogCompact(pool: string, argv: readonly string[], out: NodeJS.WritableStream = process.stdout): Promise<number> {
