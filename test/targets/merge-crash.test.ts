@@ -28,163 +28,18 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { MemoryLevel } from 'memory-level';
 import { Engine } from '../../src/core/engine.js';
 import { MemoryBlockDevice } from '../../src/block/memory-device.js';
-import { FaultyBlockDevice, type FaultyErrorRule } from '../../src/block/faulty-device.js';
-import type { BlockDevice } from '../../src/block/contract.js';
-import { sectors, type Sector } from '../../src/block/units.js';
+import { sectors } from '../../src/block/units.js';
 import { createRng, type Rng } from '../../src/core/rng.js';
 import type { LevelDb } from '../../src/log/event-log.js';
 import type { SnapshotInstance } from '../../src/targets/snapshot/snapshot.js';
 import { ControlClient } from '../../src/frontends/control-client.js';
 import { SECTOR, craftCow, decodeSector, firstDifference, snapshotImage, writeData, type RecordOrder } from './merge-cow.js';
 import { run, type RunResult, show, startKillableDaemon, type KillableDaemon as Daemon } from '../helpers/process.js';
+import { CrashDevice, PowerCut, readDevice, within, SectorHistoryModel } from '../helpers/crash.js';
 
 const CHUNK = 8;
-const FENCE: FaultyErrorRule[] = [{ op: 'read' }, { op: 'write' }, { op: 'flush' }, { op: 'discard' }];
 const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-/** A FaultyBlockDevice that tells the power cut about every I/O before it starts. */
-class CrashDevice extends FaultyBlockDevice {
-  onIo: (() => void) | undefined;
-  protected override _read(s: Sector, b: Uint8Array): Promise<void> {
-    this.onIo?.();
-    return super._read(s, b);
-  }
-  protected override _write(s: Sector, b: Uint8Array, fua: boolean): Promise<void> {
-    this.onIo?.();
-    return super._write(s, b, fua);
-  }
-  protected override _flush(): Promise<void> {
-    this.onIo?.();
-    return super._flush();
-  }
-}
-
-/** Cuts the power at the `at`-th I/O over all devices: fence them all, then crash them all (torn). */
-class PowerCut {
-  count = 0;
-  fired = false;
-  done: Promise<void> = Promise.resolve();
-  readonly firedSignal: Promise<void>;
-  private signal: () => void = () => undefined;
-  torn = 0;
-  lost = 0;
-  /** Called once, when the power goes (before any device crashes). */
-  onFire: () => void = () => undefined;
-
-  constructor(
-    private readonly at: number,
-    private readonly devices: CrashDevice[],
-  ) {
-    for (const d of devices) d.onIo = () => this.io();
-    this.firedSignal = new Promise((resolve) => (this.signal = resolve));
-  }
-
-  private io(): void {
-    if (!this.fired && ++this.count >= this.at) this.fire();
-  }
-
-  fire(): void {
-    if (this.fired) return;
-    this.fired = true;
-    this.onFire();
-    this.signal();
-    for (const d of this.devices) d.setErrorRules(FENCE);
-    this.done = Promise.all(this.devices.map((d) => d.crash({ torn: true }))).then((reports) => {
-      for (const r of reports) {
-        this.torn += r.tornCount;
-        this.lost += r.lostCount;
-      }
-    });
-  }
-}
-
-interface WriteRecord {
-  readonly id: number;
-  readonly sector: number;
-  readonly count: number;
-  acked: boolean;
-  durable: boolean;
-}
-
-/** What the origin may hold per sector after the merge: hist[s][durable[s]..], in write-issue order. */
-class OriginModel {
-  readonly hist: number[][];
-  readonly durable: number[];
-  records: WriteRecord[] = [];
-
-  constructor(readonly sizeSectors: number, base: (s: number) => number) {
-    this.hist = Array.from({ length: sizeSectors }, (_, s) => [base(s)]);
-    this.durable = new Array<number>(sizeSectors).fill(0);
-  }
-
-  issue(id: number, sector: number, count: number): WriteRecord {
-    for (let s = sector; s < sector + count; s++) this.hist[s].push(id);
-    const r: WriteRecord = { id, sector, count, acked: false, durable: false };
-    this.records.push(r);
-    return r;
-  }
-
-  markDurable(r: WriteRecord): void {
-    r.durable = true;
-    for (let s = r.sector; s < r.sector + r.count; s++) {
-      const i = this.hist[s].lastIndexOf(r.id);
-      if (i > this.durable[s]) this.durable[s] = i;
-    }
-  }
-
-  /** The power was cut: writes not durable by now never will be (a flush after the restart does not cover them). */
-  crashed(): void {
-    this.records = this.records.filter((r) => r.durable);
-  }
-
-  ackedNotDurable(): WriteRecord[] {
-    return this.records.filter((r) => r.acked && !r.durable);
-  }
-
-  check(buf: Buffer, what: string): number[] {
-    const found: number[] = [];
-    for (let s = 0; s < this.sizeSectors; s++) {
-      const got = decodeSector(buf, s * SECTOR, s);
-      const allowed = this.hist[s].slice(this.durable[s]);
-      if (typeof got === 'string' || !allowed.includes(got)) {
-        throw new Error(
-          `${what}: sector ${s} (chunk ${Math.floor(s / CHUNK)}) holds ${typeof got === 'string' ? got : `write #${got}`}; allowed: ${allowed.map((x) => `#${x}`).join(' ')} ` +
-            `(history ${this.hist[s].map((x) => `#${x}`).join(' ')}, durable from index ${this.durable[s]})`,
-        );
-      }
-      found.push(got);
-    }
-    return found;
-  }
-
-  /** After a verified recovery the contents are durable: the history starts again from them. */
-  reset(found: number[]): void {
-    for (let s = 0; s < this.sizeSectors; s++) {
-      this.hist[s] = [found[s]];
-      this.durable[s] = 0;
-    }
-    this.records = [];
-  }
-}
-
-async function within<T>(p: Promise<T>, what: string, ms = 5000): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms (a bio was lost?)`)), ms);
-  });
-  try {
-    return await Promise.race([p, late]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-async function readDevice(dev: BlockDevice): Promise<Buffer> {
-  const b = Buffer.alloc(dev.sizeSectors * SECTOR);
-  await within(dev.read(sectors(0), b), `read of ${dev.name}`);
-  return b;
-}
 
 /**
  * Batches copied whose commit has not come yet (commit one behind, merger.ts), from the merge's machine events: a
@@ -223,7 +78,7 @@ interface Stats {
 }
 
 /** Writes to the merging device and flushes it until `stop` says so; never rejects (the engine may be fenced). */
-async function workload(e: Engine, rng: Rng, model: OriginModel, nextId: () => number, stop: () => boolean, stats: Stats, fired: Promise<void>): Promise<void> {
+async function workload(e: Engine, rng: Rng, model: SectorHistoryModel, nextId: () => number, stop: () => boolean, stats: Stats, fired: Promise<void>): Promise<void> {
   const inflight: Array<Promise<unknown>> = [];
   const track = <T>(p: Promise<T>, onOk?: () => void): Promise<boolean> => {
     const q = p.then(
@@ -322,7 +177,7 @@ async function crashRun(seed: number, stats: Stats): Promise<void> {
   const snapshot = await readDevice(e.device('snap')!);
   if (id === 10) expect(firstDifference(snapshot, snapshotImage(writeData(0, 0, originSectors), cow), 'crafted snapshot')).toBeUndefined();
   const snapIds = Array.from({ length: originSectors }, (_, s) => decodeSector(snapshot, s * SECTOR, s));
-  const model = new OriginModel(originSectors, (s) => snapIds[s] as number);
+  const model = new SectorHistoryModel(originSectors, (s) => snapIds[s] as number, (s) => ` (chunk ${Math.floor(s / CHUNK)})`);
   const nextId = (): number => id++;
 
   await e.suspend('orig');

@@ -19,114 +19,19 @@
  */
 import { describe, expect, test } from 'vitest';
 import { MemoryLevel } from 'memory-level';
-import { FaultyBlockDevice, type FaultyErrorRule } from '../../src/block/faulty-device.js';
 import { MemoryBlockDevice } from '../../src/block/memory-device.js';
-import { sectors, type Sector } from '../../src/block/units.js';
+import { sectors } from '../../src/block/units.js';
 import { SimulatedClock } from '../../src/core/clock.js';
 import { Engine } from '../../src/core/engine.js';
 import { createRng } from '../../src/core/rng.js';
 import type { LevelDb } from '../../src/log/event-log.js';
 import type { MirrorInstance } from '../../src/targets/mirror/mirror.js';
 import { MIRROR_CLEAN_DELAY_MS } from '../../src/targets/mirror/mirror-set.js';
+import { CrashDevice, PowerCut, SectorHistoryModel, within, type WriteRecord } from '../helpers/crash.js';
+import { SECTOR, writeData } from '../helpers/sector-data.js';
 
-const SECTOR = 512;
-const FENCE: FaultyErrorRule[] = [{ op: 'read' }, { op: 'write' }, { op: 'flush' }, { op: 'discard' }];
 const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
 
-function fillSector(buf: Buffer, at: number, id: number, sector: number): void {
-  buf.fill((id * 13 + sector * 7 + 1) & 0xff, at, at + SECTOR);
-  buf.writeUInt32LE(id, at);
-  buf.writeUInt32LE(sector, at + 4);
-}
-
-function writeData(id: number, sector: number, count: number): Buffer {
-  const b = Buffer.alloc(count * SECTOR);
-  for (let i = 0; i < count; i++) fillSector(b, i * SECTOR, id, sector + i);
-  return b;
-}
-
-function decodeSector(buf: Buffer, at: number, sector: number): number | string {
-  const id = buf.readUInt32LE(at);
-  const expect = Buffer.alloc(SECTOR);
-  fillSector(expect, 0, id, sector);
-  if (buf.compare(expect, 0, SECTOR, at, at + SECTOR) !== 0) return `garbage (${buf.subarray(at, at + 8).toString('hex')})`;
-  return id;
-}
-
-/** A FaultyBlockDevice that tells the power cut about every I/O before it starts. */
-class CrashDevice extends FaultyBlockDevice {
-  onIo: (() => void) | undefined;
-  protected override _read(s: Sector, b: Uint8Array): Promise<void> {
-    this.onIo?.();
-    return super._read(s, b);
-  }
-  protected override _write(s: Sector, b: Uint8Array, fua: boolean): Promise<void> {
-    this.onIo?.();
-    return super._write(s, b, fua);
-  }
-  protected override _flush(): Promise<void> {
-    this.onIo?.();
-    return super._flush();
-  }
-}
-
-class PowerCut {
-  count = 0;
-  fired = false;
-  done: Promise<void> = Promise.resolve();
-  constructor(
-    private readonly at: number,
-    private readonly devices: CrashDevice[],
-  ) {
-    for (const d of devices) d.onIo = () => this.io();
-  }
-  private io(): void {
-    if (!this.fired && ++this.count >= this.at) this.fire();
-  }
-  fire(): void {
-    if (this.fired) return;
-    this.fired = true;
-    for (const d of this.devices) d.setErrorRules(FENCE);
-    this.done = Promise.all(this.devices.map((d) => d.crash({ torn: true }))).then(() => undefined);
-  }
-}
-
-/** Per sector: the write ids issued, in order; hist[s][durable[s]] is the newest that must have survived. */
-class Model {
-  readonly hist: number[][];
-  readonly durable: number[];
-  constructor(readonly sizeSectors: number) {
-    this.hist = Array.from({ length: sizeSectors }, () => [0]);
-    this.durable = new Array<number>(sizeSectors).fill(0);
-  }
-  issue(id: number, sector: number, count: number): void {
-    for (let s = sector; s < sector + count; s++) this.hist[s].push(id);
-  }
-  markDurable(id: number, sector: number, count: number): void {
-    for (let s = sector; s < sector + count; s++) {
-      const i = this.hist[s].lastIndexOf(id);
-      if (i > this.durable[s]) this.durable[s] = i;
-    }
-  }
-  check(buf: Buffer, what: string): number[] {
-    const found: number[] = [];
-    for (let s = 0; s < this.sizeSectors; s++) {
-      const got = decodeSector(buf, s * SECTOR, s);
-      const allowed = this.hist[s].slice(this.durable[s]);
-      if (typeof got === 'string' || !allowed.includes(got)) {
-        throw new Error(`${what}: sector ${s} holds ${typeof got === 'string' ? got : `#${got}`}; allowed ${allowed.map((x) => `#${x}`).join(' ')}`);
-      }
-      found.push(got);
-    }
-    return found;
-  }
-  reset(found: number[]): void {
-    for (let s = 0; s < this.sizeSectors; s++) {
-      this.hist[s] = [found[s]];
-      this.durable[s] = 0;
-    }
-  }
-}
 
 interface Stats {
   crashPoints: number;
@@ -135,18 +40,6 @@ interface Stats {
   differingRegions: number;
   runsWithDifferences: number;
   regionsCopied: number;
-}
-
-async function within<T>(p: Promise<T>, what: string, ms = 10_000): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms);
-  });
-  try {
-    return await Promise.race([p, late]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 /** Clean bits of a dm-log disk log image, parsed here from the format (sector 0 header, bits from byte 1024). */
@@ -179,14 +72,14 @@ async function crashRun(seed: number, logKind: LogKind, stats: Stats): Promise<v
   for (const l of legNames) inner[l] = new MemoryBlockDevice({ sizeSectors: sectors(lengthSectors), name: l });
   for (const l of legNames) await inner[l].write(sectors(0), writeData(0, 0, lengthSectors));
   const db = new MemoryLevel() as unknown as LevelDb;
-  const model = new Model(lengthSectors);
+  const model = new SectorHistoryModel(lengthSectors, () => 0);
   const logArgs =
     logKind === 'disk' ? `disk 2 log ${regionSizeSectors}` : logKind === 'md-bitmap' ? `md-bitmap 3 log ${regionSizeSectors} 1` : `core 1 ${regionSizeSectors}`;
   const table = `0 ${lengthSectors} mirror ${logArgs} ${legCount} ${legNames.map((l) => `${l} 0`).join(' ')}${handleErrors ? ' 1 handle_errors' : ''}`;
   let generation = 0;
   let nextId = 1;
   /** Writes acknowledged since the last flush was issued: the next flush to complete makes them durable. */
-  const ackedSinceFlush: Array<[number, number, number]> = [];
+  const ackedSinceFlush: WriteRecord[] = [];
 
   const wrap = (): Record<string, CrashDevice> => {
     generation++;
@@ -203,6 +96,7 @@ async function crashRun(seed: number, logKind: LogKind, stats: Stats): Promise<v
         while (setOf(e).resync.state !== 'IN_SYNC') await turn();
       })(),
       what,
+      10_000,
     );
   };
 
@@ -235,7 +129,7 @@ async function crashRun(seed: number, logKind: LogKind, stats: Stats): Promise<v
           const acked = ackedSinceFlush.splice(0);
           ops.push(
             m.flush().then(
-              () => acked.forEach(([id, s, c]) => model.markDurable(id, s, c)),
+              () => acked.forEach((r) => model.markDurable(r)),
               () => undefined,
             ),
           );
@@ -248,12 +142,12 @@ async function crashRun(seed: number, logKind: LogKind, stats: Stats): Promise<v
         busy.push([sector, sector + len]);
         const id = nextId++;
         const fua = rng.int(8) === 0;
-        model.issue(id, sector, len);
+        const rec = model.issue(id, sector, len);
         ops.push(
           m.write(sectors(sector), writeData(id, sector, len), { fua }).then(
             () => {
-              if (fua) model.markDurable(id, sector, len);
-              else ackedSinceFlush.push([id, sector, len]);
+              if (fua) model.markDurable(rec);
+              else ackedSinceFlush.push(rec);
             },
             () => undefined,
           ),
@@ -318,7 +212,7 @@ async function crashRun(seed: number, logKind: LogKind, stats: Stats): Promise<v
     }));
     for (let i = 1; i < after.length; i++) expect(after[i].equals(after[0]), `seed ${seed} round ${round}: leg ${legNames[i]} differs from ${legNames[0]}`).toBe(true);
     const viaMirror = Buffer.alloc(lengthSectors * SECTOR);
-    await within(e.device('m')!.read(sectors(0), viaMirror), 'read through the mirror');
+    await within(e.device('m')!.read(sectors(0), viaMirror), 'read through the mirror', 10_000);
     expect(viaMirror.equals(after[0])).toBe(true);
     model.reset(model.check(after[0], `seed ${seed} round ${round}`));
     await settle();

@@ -28,175 +28,17 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { MemoryLevel } from 'memory-level';
 import { Engine } from '../../src/core/engine.js';
 import { MemoryBlockDevice } from '../../src/block/memory-device.js';
-import { FaultyBlockDevice, type FaultyErrorRule } from '../../src/block/faulty-device.js';
-import type { BlockDevice } from '../../src/block/contract.js';
-import { sectors, type Sector } from '../../src/block/units.js';
+import { sectors } from '../../src/block/units.js';
 import { createRng } from '../../src/core/rng.js';
 import type { LevelDb } from '../../src/log/event-log.js';
 import type { SnapshotInstance } from '../../src/targets/snapshot/snapshot.js';
+import { CrashDevice, PowerCut, readDevice, within, SectorHistoryModel as DeviceModel } from '../helpers/crash.js';
+import { writeData } from '../helpers/sector-data.js';
 import { run as runWithTimeout, type RunResult, show, startKillableDaemon, type KillableDaemon as Daemon } from '../helpers/process.js';
 
 const run = (cmd: string, args: readonly string[], timeoutMs = 20_000): Promise<RunResult> => runWithTimeout(cmd, args, timeoutMs);
 
-const SECTOR = 512;
-const FENCE: FaultyErrorRule[] = [{ op: 'read' }, { op: 'write' }, { op: 'flush' }, { op: 'discard' }];
 const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
-
-/** Sector `sector` as write `id` writes it: id, sector number, then a filler both determine. */
-function fillSector(buf: Buffer, at: number, id: number, sector: number): void {
-  buf.fill((id * 13 + sector * 7 + 1) & 0xff, at, at + SECTOR);
-  buf.writeUInt32LE(id, at);
-  buf.writeUInt32LE(sector, at + 4);
-}
-
-function writeData(id: number, sector: number, count: number): Buffer {
-  const b = Buffer.alloc(count * SECTOR);
-  for (let i = 0; i < count; i++) fillSector(b, i * SECTOR, id, sector + i);
-  return b;
-}
-
-/** The id a sector holds, or a description of why it holds no write at all. */
-function decodeSector(buf: Buffer, at: number, sector: number): number | string {
-  const id = buf.readUInt32LE(at);
-  const expect = Buffer.alloc(SECTOR);
-  fillSector(expect, 0, id, sector);
-  if (buf.compare(expect, 0, SECTOR, at, at + SECTOR) !== 0) {
-    return `garbage (first bytes ${buf.subarray(at, at + 16).toString('hex')}; written for sector ${buf.readUInt32LE(at + 4)})`;
-  }
-  return id;
-}
-
-/** A FaultyBlockDevice that tells the power cut about every I/O before it starts. */
-class CrashDevice extends FaultyBlockDevice {
-  onIo: (() => void) | undefined;
-  protected override _read(s: Sector, b: Uint8Array): Promise<void> {
-    this.onIo?.();
-    return super._read(s, b);
-  }
-  protected override _write(s: Sector, b: Uint8Array, fua: boolean): Promise<void> {
-    this.onIo?.();
-    return super._write(s, b, fua);
-  }
-  protected override _flush(): Promise<void> {
-    this.onIo?.();
-    return super._flush();
-  }
-  protected override _discard(s: Sector, n: Sector): Promise<void> {
-    this.onIo?.();
-    return super._discard(s, n);
-  }
-}
-
-/** Cuts the power at the `at`-th I/O over all devices: fence them all, then crash them all (torn). */
-class PowerCut {
-  count = 0;
-  fired = false;
-  done: Promise<void> = Promise.resolve();
-  /** Resolves when the power is cut (the workload stops waiting for its batch then). */
-  readonly firedSignal: Promise<void>;
-  private signal: () => void = () => undefined;
-  torn = 0;
-  lost = 0;
-  pending = 0;
-
-  constructor(
-    private readonly at: number,
-    private readonly devices: CrashDevice[],
-  ) {
-    for (const d of devices) d.onIo = () => this.io();
-    this.firedSignal = new Promise((resolve) => (this.signal = resolve));
-  }
-
-  private io(): void {
-    if (!this.fired && ++this.count >= this.at) this.fire();
-  }
-
-  fire(): void {
-    if (this.fired) return;
-    this.fired = true;
-    this.signal();
-    // The fence first, on every device, so that nothing issued from here on lands anywhere; crash() takes each
-    // cache synchronously, before its first await.
-    for (const d of this.devices) d.setErrorRules(FENCE);
-    this.done = Promise.all(this.devices.map((d) => d.crash({ torn: true }))).then((reports) => {
-      for (const r of reports) {
-        this.torn += r.tornCount;
-        this.lost += r.lostCount;
-        this.pending += r.pendingCount;
-      }
-    });
-  }
-}
-
-interface WriteRecord {
-  readonly id: number;
-  readonly sector: number;
-  readonly count: number;
-  acked: boolean;
-  durable: boolean;
-}
-
-/** What a device (origin or snapshot) may hold per sector: hist[s][durable[s]..] in write-issue order. */
-class DeviceModel {
-  readonly hist: number[][];
-  readonly durable: number[];
-  records: WriteRecord[] = [];
-
-  constructor(readonly sizeSectors: number, base: (s: number) => number) {
-    this.hist = Array.from({ length: sizeSectors }, (_, s) => [base(s)]);
-    this.durable = new Array<number>(sizeSectors).fill(0);
-  }
-
-  issue(id: number, sector: number, count: number): WriteRecord {
-    for (let s = sector; s < sector + count; s++) this.hist[s].push(id);
-    const r: WriteRecord = { id, sector, count, acked: false, durable: false };
-    this.records.push(r);
-    return r;
-  }
-
-  markDurable(r: WriteRecord): void {
-    r.durable = true;
-    for (let s = r.sector; s < r.sector + r.count; s++) {
-      const i = this.hist[s].lastIndexOf(r.id);
-      if (i > this.durable[s]) this.durable[s] = i;
-    }
-  }
-
-  /** Acknowledged writes a flush issued now covers. */
-  ackedNotDurable(): WriteRecord[] {
-    return this.records.filter((r) => r.acked && !r.durable);
-  }
-
-  current(s: number): number {
-    return this.hist[s][this.hist[s].length - 1];
-  }
-
-  /** Checks the contents read back; returns the ids found. */
-  check(buf: Buffer, what: string): number[] {
-    const found: number[] = [];
-    for (let s = 0; s < this.sizeSectors; s++) {
-      const got = decodeSector(buf, s * SECTOR, s);
-      const allowed = this.hist[s].slice(this.durable[s]);
-      if (typeof got === 'string' || !allowed.includes(got)) {
-        throw new Error(
-          `${what}: sector ${s} holds ${typeof got === 'string' ? got : `write #${got}`}; allowed: ${allowed.map((x) => `#${x}`).join(' ')} ` +
-            `(history ${this.hist[s].map((x) => `#${x}`).join(' ')}, durable from index ${this.durable[s]})`,
-        );
-      }
-      found.push(got);
-    }
-    return found;
-  }
-
-  /** After a verified recovery the contents are all durable: the history starts again from them. */
-  reset(found: number[]): void {
-    for (let s = 0; s < this.sizeSectors; s++) {
-      this.hist[s] = [found[s]];
-      this.durable[s] = 0;
-    }
-    this.records = [];
-  }
-}
 
 interface SnapInfo {
   readonly name: string;
@@ -216,25 +58,6 @@ interface RunStats {
   recreates: number;
   /** The most exceptions a snapshot had at a check (over 256 with chunk 8: metadata area 1 in use). */
   exceptionsMax: number;
-}
-
-/** Fails with `what` when `p` is not done within `ms`: a lost bio fails the run instead of hanging it. */
-async function within<T>(p: Promise<T>, what: string, ms = 5000): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms (a bio was lost?)`)), ms);
-  });
-  try {
-    return await Promise.race([p, late]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-async function readDevice(dev: BlockDevice): Promise<Buffer> {
-  const b = Buffer.alloc(dev.sizeSectors * SECTOR);
-  await within(dev.read(sectors(0), b), `read of ${dev.name}`);
-  return b;
 }
 
 function snapshotState(e: Engine, name: string): SnapshotInstance['state'] {
