@@ -3,12 +3,15 @@
  * `inspect` stream, `openPool().inspect$()`), and nothing at all when nobody does.
  *
  * Sources: the compiled bio machine of every mapped device (MappedDevice.bioObserver), the kcopyd clients the
- * targets share (KcopydClient.observer), and the merge machine, whose transitions are already 'merge.state'
- * events on the log. Each step becomes an '@xstate.event' (event type, from-state) and an '@xstate.snapshot'
- * (the state reached); the first time an actor is seen, an '@xstate.actor' comes first.
+ * targets share (KcopydClient.observer), the merge machine, whose transitions are already 'merge.state' events on
+ * the log, and the mirrors' write groups, write transactions and resyncs (MirrorSet.setInspectObserver, on the
+ * mirror sets of the engine's MirrorSets, a shared object the mirror target creates). Each step becomes an '@xstate.event' (event type, from-state) and an
+ * '@xstate.snapshot' (the state reached); the first time an actor is seen, an '@xstate.actor' comes first.
  *
  * Cost: while no watch wants bios of a device, its bioObserver stays undefined and the hot path pays one
- * comparison (mapped-device.ts); kcopyd clients get no observer and the merge events are not subscribed. A watch
+ * comparison (mapped-device.ts); kcopyd clients get no observer, the merge events are not subscribed, and a mirror
+ * set's stepObserver stays undefined unless a watch wants a mirror kind on its device (write-group.ts and
+ * resync-driver.ts pay one comparison per step). A watch
  * is sampled per actor kind: at most `maxEventsPerSecond` records a second start new actors; the records of an
  * actor already admitted always go out, so every actor a watcher sees has its whole lifecycle from the moment it
  * was first seen (the budget can be exceeded by the remaining steps of actors in flight). Actors not admitted are
@@ -23,6 +26,9 @@ import { DmError } from '../core/errors.js';
 import type { BioObserver, MappedDevice } from '../core/mapped-device.js';
 import { KCOPYD_JOB_MACHINE, KCOPYD_PIECE_MACHINE, KcopydClient, type KcopydObserver } from '../kcopyd/kcopyd.js';
 import type { LoggedEvent } from '../log/events.js';
+import { MirrorSets, type MirrorGroupIds, type MirrorMachineName, type MirrorSet, type MirrorSetsListener, type MirrorStepObserver } from '../targets/mirror/mirror-set.js';
+import { RESYNC_MACHINE } from '../targets/mirror/resync-driver.js';
+import { WRITE_GROUP_MACHINE, WRITE_TRANSACTION_MACHINE, type WriteGroup } from '../targets/mirror/write-group.js';
 
 /** An actor kind is the name of its machine definition (machines/index.ts). */
 export type InspectActorKind = MachineName;
@@ -54,7 +60,12 @@ interface RecordBase {
   /** The engine clock's time. */
   readonly timeMs: number;
   readonly kind: InspectActorKind;
-  /** Unique while the actor lives: 'bio:DEVICE:ID', 'merge:DEVICE', 'kcopyd-job:CLIENT:ID', 'kcopyd-piece:CLIENT:ID'. */
+  /**
+   * Unique while the actor lives: 'bio:DEVICE:ID', 'merge:DEVICE', 'kcopyd-job:CLIENT:ID', 'kcopyd-piece:CLIENT:ID',
+   * 'mirror-write-group:DEVICE:N', 'mirror-write-transaction:DEVICE:N.LEG' (LEG: the mirror leg's index, as in
+   * `readd`), 'mirror-resync:DEVICE' ('mirror-resync:DEVICE@SECTOR' for a mirror target that does not start at
+   * sector 0). A table reload makes a new resync actor with the same id: it starts with a new '@xstate.actor'.
+   */
   readonly actorId: string;
   /** The mapped device the actor belongs to; undefined for engine-wide actors (kcopyd). */
   readonly device: string | undefined;
@@ -65,9 +76,12 @@ export interface InspectActorRecord extends RecordBase {
   /** The actor's state when first seen (its initial state unless the watch started while it ran). */
   readonly value: string;
   readonly status: InspectStatus;
-  /** A kcopyd piece's job. */
+  /** A kcopyd piece's job; a mirror write transaction's write group. */
   readonly parentId?: string;
-  /** What the actor works on: a bio's op, sector and length. */
+  /**
+   * What the actor works on: a bio's op, sector and length; a mirror write group's bio (actor id), op, sector,
+   * length and region; a write transaction's leg (index) and legDevice; a resync's regions and regionSectors.
+   */
   readonly info?: Readonly<Record<string, string | number | boolean>>;
 }
 
@@ -178,6 +192,16 @@ class Watch implements InspectWatch {
   readonly lastBioId = new WeakMap<MappedDevice, number>();
   /** Admission per keyed actor ('merge:DEV', 'kcopyd-job:CLIENT:ID'); deleted when the actor reaches a final state. */
   readonly keyedAdmitted = new Map<string, boolean>();
+  /**
+   * Mirror actors decided on, by their object (a WriteGroup for the group and its transactions, the MirrorSet for
+   * its resync): bit 2k set when decided, bit 2k+1 when admitted; k = 0 for the group or the resync, 1 + I for a
+   * transaction (I its index in the group's legs; at most 9 legs). Gone with the object. As for bios, the many
+   * groups and transactions refused by sampling are not recorded: one that leaves its initial state is new, one
+   * that steps from another state without an entry was refused, unless its group was already in flight when the
+   * watch started (`mirrorGroupStart`: the device's next group id then), in which case it is new too.
+   */
+  readonly mirrorSeen = new WeakMap<object, number>();
+  readonly mirrorGroupStart = new WeakMap<MirrorGroupIds, number>();
   private readonly kindSet: ReadonlySet<string>;
   private readonly deviceSet: ReadonlySet<string>;
   private totals = { delivered: 0, droppedEvents: 0, droppedActors: 0, droppedBacklog: 0 };
@@ -303,6 +327,21 @@ export class LiveInspector {
   private readonly watches = new Set<Watch>();
   /** Kcopyd clients the engine created (shared objects), with the observer they had before we attached. */
   private readonly kcopydClients = new Map<KcopydClient, { attached: boolean; previous: KcopydObserver | undefined; mine: KcopydObserver }>();
+  /** Mirror sets alive (from the engine's MirrorSets), with our observer and whether it is set. */
+  private readonly mirrorSets = new Map<MirrorSet, { attached: boolean; mine: MirrorStepObserver }>();
+  private readonly mirrorListener: MirrorSetsListener = {
+    added: (set) => {
+      if (this.mirrorSets.has(set)) return;
+      this.mirrorSets.set(set, { attached: false, mine: this.mirrorObserver(set) });
+      this.reconfigureMirror(set);
+    },
+    removed: (set) => {
+      const slot = this.mirrorSets.get(set);
+      if (slot === undefined) return;
+      if (slot.attached) set.setInspectObserver(undefined);
+      this.mirrorSets.delete(set);
+    },
+  };
   private mergeSubscription: Subscription | undefined;
   private reportTimer: ClockTimer | undefined;
   private observedSteps = 0;
@@ -316,6 +355,7 @@ export class LiveInspector {
    */
   subscribe(filter: InspectFilter | undefined, sink: InspectSink, onEnd?: () => void): InspectWatch {
     const watch = new Watch(normalizeInspectFilter(filter), sink, this.options.clock, (w) => this.remove(w), onEnd);
+    for (const set of this.mirrorSets.keys()) watch.mirrorGroupStart.set(set.groupIds, set.groupIds.next);
     this.watches.add(watch);
     this.reconfigure();
     return watch;
@@ -344,8 +384,14 @@ export class LiveInspector {
     return undefined;
   }
 
-  /** The engine hands over every shared object it creates; kcopyd clients are watched when asked for. */
+  /** The engine hands over every shared object it creates; kcopyd clients and mirror sets are watched when asked for. */
   adopt(shared: unknown): void {
+    if (shared instanceof MirrorSets) {
+      if (shared.listener === this.mirrorListener) return;
+      shared.listener = this.mirrorListener;
+      for (const set of shared) this.mirrorListener.added(set);
+      return;
+    }
     if (!(shared instanceof KcopydClient) || this.kcopydClients.has(shared)) return;
     const client = shared;
     this.kcopydClients.set(client, { attached: false, previous: undefined, mine: this.kcopydObserver(client.name) });
@@ -366,7 +412,7 @@ export class LiveInspector {
     for (const w of this.watches) {
       if (!w.wants(kind, device)) continue;
       const seen = w.keyedAdmitted.get(actorId);
-      const admitted = this.step(w, kind, actorId, device, seen, from, event, to, final, parentId, undefined);
+      const admitted = this.step(w, kind, actorId, device, seen, from, event, to, final, parentId, undefined, -1);
       if (final) w.keyedAdmitted.delete(actorId);
       else if (seen === undefined) w.keyedAdmitted.set(actorId, admitted);
     }
@@ -390,7 +436,7 @@ export class LiveInspector {
       else seen = w.bioAdmitted.has(bio);
       const admitted = this.step(
         w, 'bio', undefined, device.name, seen,
-        BIO_MACHINE.stateNames[from], BIO_MACHINE.eventNames[eventIndex], BIO_MACHINE.stateNames[to], BIO_MACHINE.isFinal[to], undefined, bio,
+        BIO_MACHINE.stateNames[from], BIO_MACHINE.eventNames[eventIndex], BIO_MACHINE.stateNames[to], BIO_MACHINE.isFinal[to], undefined, bio, -1,
       );
       if (seen === undefined && admitted) w.bioAdmitted.add(bio);
     }
@@ -406,6 +452,36 @@ export class LiveInspector {
     };
   }
 
+  /**
+   * A mirror set's observer (set only while a watch wants a mirror kind on its device). Actors refused by sampling
+   * cost a lookup that misses and no string (see Watch.mirrorSeen).
+   */
+  private mirrorObserver(set: MirrorSet): MirrorStepObserver {
+    const device = set.deviceName;
+    return (machine, group, index, from, eventIndex, to) => {
+      this.observedSteps++;
+      const m = MIRROR_MACHINES[machine];
+      const subject: WriteGroup | MirrorSet = group ?? set;
+      const decidedBit = index < 0 ? 1 : 1 << (2 + 2 * index);
+      const admittedBit = decidedBit << 1;
+      for (const w of this.watches) {
+        if (!w.wants(machine, device)) continue;
+        const bits = w.mirrorSeen.get(subject) ?? 0;
+        let seen: boolean | undefined;
+        if ((bits & decidedBit) !== 0) seen = (bits & admittedBit) !== 0;
+        else if (group !== undefined && from !== m.initialIndex && !(group.id < (w.mirrorGroupStart.get(set.groupIds) ?? 0))) seen = false;
+        const admitted = this.step(
+          w, machine, undefined, device, seen,
+          m.stateNames[from], m.eventNames[eventIndex], m.stateNames[to], m.isFinal[to], undefined, subject, index,
+        );
+        // Recorded: admitted actors, and those the watch met in flight (the resync; groups older than the watch).
+        if (seen === undefined && (admitted || group === undefined || from !== m.initialIndex)) {
+          w.mirrorSeen.set(subject, bits | decidedBit | (admitted ? admittedBit : 0));
+        }
+      }
+    };
+  }
+
   private onMergeEvent(e: LoggedEvent): void {
     if (e.type !== 'merge.state') return;
     if (!this.wants('merge', e.device)) return;
@@ -414,22 +490,30 @@ export class LiveInspector {
     this.transition('merge', `merge:${e.device}`, e.device, e.from, e.event, e.state, final);
   }
 
-  /** One step of one actor for one watch; returns whether the actor is admitted (sampling). */
+  /**
+   * One step of one actor for one watch; returns whether the actor is admitted (sampling). Keyed actors pass their
+   * id (and parent); bios and mirror actors pass their object (`subject`, and a transaction's `index` in its
+   * group's legs), from which the id, parent and info are built only for an admitted actor.
+   */
   private step(
     w: Watch, kind: InspectActorKind, actorId: string | undefined, device: string | undefined, seen: boolean | undefined,
-    from: string, event: string, to: string, final: boolean, parentId: string | undefined, bio: Bio | undefined,
+    from: string, event: string, to: string, final: boolean, parentId: string | undefined, subject: Bio | WriteGroup | MirrorSet | undefined, index: number,
   ): boolean {
     let admitted = seen;
+    let id = actorId;
     if (admitted === undefined) {
       admitted = w.admit(kind);
       if (!admitted) w.drop(kind, 1);
       else {
+        id ??= subjectActorId(kind, device!, subject!, index);
+        const parent = parentId ?? (subject !== undefined ? subjectParentId(kind, device!, subject) : undefined);
+        const info = subject !== undefined ? subjectInfo(kind, device!, subject, index) : undefined;
         this.recordsBuilt++;
         w.deliver({
-          type: '@xstate.actor', seq: w.seq, timeMs: this.options.clock.nowMs(), kind, actorId: actorId ?? bioActorId(device!, bio!), device,
+          type: '@xstate.actor', seq: w.seq, timeMs: this.options.clock.nowMs(), kind, actorId: id, device,
           value: from, status: 'active',
-          ...(parentId !== undefined ? { parentId } : {}),
-          ...(bio !== undefined ? { info: { op: bio.op, sector: bio.sector, lengthSectors: bio.lengthSectors } } : {}),
+          ...(parent !== undefined ? { parentId: parent } : {}),
+          ...(info !== undefined ? { info } : {}),
         });
       }
     }
@@ -437,7 +521,7 @@ export class LiveInspector {
       w.drop(kind, 2);
       return false;
     }
-    const id = actorId ?? bioActorId(device!, bio!);
+    id ??= subjectActorId(kind, device!, subject!, index);
     const timeMs = this.options.clock.nowMs();
     this.recordsBuilt += 2;
     w.deliver({ type: '@xstate.event', seq: w.seq, timeMs, kind, actorId: id, device, event, from });
@@ -450,9 +534,22 @@ export class LiveInspector {
     this.reconfigure();
   }
 
+  /** Attaches or detaches a mirror set's observer: set only while some watch wants a mirror kind on its device. */
+  private reconfigureMirror(set: MirrorSet): void {
+    const slot = this.mirrorSets.get(set);
+    if (slot === undefined) return;
+    const device = set.deviceName;
+    const wanted = this.wants('mirror-write-group', device) || this.wants('mirror-write-transaction', device) || this.wants('mirror-resync', device);
+    if (wanted !== slot.attached) {
+      set.setInspectObserver(wanted ? slot.mine : undefined);
+      slot.attached = wanted;
+    }
+  }
+
   /** Attaches or detaches the sources so that only what some watch wants costs anything. */
   private reconfigure(): void {
     this.options.onBioWatchChange();
+    for (const set of this.mirrorSets.keys()) this.reconfigureMirror(set);
     const wantsKcopyd = this.wants('kcopyd-job', undefined) || this.wants('kcopyd-piece', undefined);
     for (const [client, slot] of this.kcopydClients) {
       if (wantsKcopyd && !slot.attached) {
@@ -493,6 +590,61 @@ export class LiveInspector {
   }
 }
 
+const MIRROR_MACHINES = {
+  'mirror-write-group': WRITE_GROUP_MACHINE,
+  'mirror-write-transaction': WRITE_TRANSACTION_MACHINE,
+  'mirror-resync': RESYNC_MACHINE,
+} as const satisfies Record<MirrorMachineName, unknown>;
+
 function bioActorId(device: string, bio: Bio): string {
   return `bio:${device}:${bio.id}`;
+}
+
+/** 'mirror-resync:DEVICE', or 'mirror-resync:DEVICE@SECTOR' for a mirror target that does not start at sector 0. */
+function mirrorResyncActorId(set: MirrorSet): string {
+  const begin = set.ctx.beginSector;
+  return begin === 0 ? `mirror-resync:${set.deviceName}` : `mirror-resync:${set.deviceName}@${begin}`;
+}
+
+/** The id of an actor given by its object: a bio, a mirror write group (and a transaction's index), a mirror set. */
+function subjectActorId(kind: InspectActorKind, device: string, subject: Bio | WriteGroup | MirrorSet, index: number): string {
+  switch (kind) {
+    case 'mirror-write-group':
+      return `mirror-write-group:${device}:${(subject as WriteGroup).id}`;
+    case 'mirror-write-transaction':
+      return `mirror-write-transaction:${device}:${(subject as WriteGroup).id}.${(subject as WriteGroup).legs[index].index}`;
+    case 'mirror-resync':
+      return mirrorResyncActorId(subject as MirrorSet);
+    default:
+      return bioActorId(device, subject as Bio);
+  }
+}
+
+function subjectParentId(kind: InspectActorKind, device: string, subject: Bio | WriteGroup | MirrorSet): string | undefined {
+  return kind === 'mirror-write-transaction' ? `mirror-write-group:${device}:${(subject as WriteGroup).id}` : undefined;
+}
+
+function subjectInfo(kind: InspectActorKind, device: string, subject: Bio | WriteGroup | MirrorSet, index: number): Record<string, string | number | boolean> {
+  switch (kind) {
+    case 'mirror-write-group': {
+      const g = subject as WriteGroup;
+      const bio = g.bio;
+      return {
+        bio: bioActorId(device, bio), op: bio.op, sector: bio.sector, lengthSectors: bio.lengthSectors,
+        ...(g.region >= 0 ? { region: g.region } : {}),
+      };
+    }
+    case 'mirror-write-transaction': {
+      const l = (subject as WriteGroup).legs[index];
+      return { leg: l.index, legDevice: l.label };
+    }
+    case 'mirror-resync': {
+      const set = subject as MirrorSet;
+      return { regions: set.regionCount, regionSectors: set.regionSizeSectors };
+    }
+    default: {
+      const bio = subject as Bio;
+      return { op: bio.op, sector: bio.sector, lengthSectors: bio.lengthSectors };
+    }
+  }
 }

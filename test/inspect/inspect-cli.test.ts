@@ -249,6 +249,47 @@ describe('dmstate inspect', () => {
     expect(lines).toHaveLength(merge.length); // one line per state: the actor, then one per transition
   });
 
+  test('--actor mirror: a mirror created, resynced and written through NBD; its resync, write groups and transactions', async () => {
+    for (const [f, mib] of [['ma.img', 4], ['mb.img', 4], ['mlog.img', 1]] as const) {
+      fs.writeFileSync(path.join(tmp, f), '');
+      fs.truncateSync(path.join(tmp, f), mib << 20);
+    }
+    const json = await inspect(pool, ['--json', '--device', 'mir', '--actor', 'mirror', '--rate', '0']);
+    const text = await inspect(pool, ['--device', 'mir', '--actor', 'mirror-resync']);
+    spawned.push(json, text);
+    expect(json.stderr).toContain('inspecting mirror-write-group, mirror-write-transaction, mirror-resync on mir');
+    const table = `0 8192 mirror disk 3 ${tmp}/mlog.img 256 sync 2 ${tmp}/ma.img 0 ${tmp}/mb.img 0 1 handle_errors`;
+    expect((await cli(['dmsetup', '--pool', pool, 'create', 'mir', '--table', table])).code).toBe(0);
+    await waitFor('the resync', () => json.stdout.includes('"value":"IN_SYNC"') && text.stdout.includes('--NO_WORK--> IN_SYNC'));
+    qemuIo(nbd('mir'), ['write -P 0x33 4096 4k']);
+    await waitFor('the write group', () => /"actorId":"mirror-write-group:mir:\d+".*"value":"COMPLETED"/.test(json.stdout));
+    json.child.kill('SIGINT');
+    text.child.kill('SIGINT');
+    expect(await finish(json)).toBe(0);
+    expect(await finish(text)).toBe(0);
+    const records = parseLines<InspectionRecord>(json.stdout);
+    expect(records.every((r) => r.type !== 'dmstate.inspect.dropped' && r.device === 'mir')).toBe(true);
+    const lives = lifecycles(records);
+    const resync = lives.get('mirror-resync:mir')!;
+    expect(resync[0]).toBe('IDLE');
+    expect(resync.at(-1)).toBe('NO_WORK>IN_SYNC');
+    expect(resync.filter((s) => s === 'COPIED>THROTTLED')).toHaveLength(32); // 32 regions of 256 sectors
+    const actors = records.filter((r) => r.type === '@xstate.actor');
+    const write = actors.find((r) => r.kind === 'mirror-write-group' && r.info?.op === 'write')!;
+    expect(write.info).toMatchObject({ sector: 8, lengthSectors: 8, region: 0 });
+    expect(write.actorId).toMatch(/^mirror-write-group:mir:\d+$/);
+    expect(lives.get(write.actorId)).toEqual(['START', 'ISSUE>WRITING', 'ALL_DONE>COMPLETED']);
+    const txs = actors.filter((r) => r.parentId === write.actorId);
+    expect(txs.map((r) => [r.actorId, r.info?.legDevice])).toEqual([
+      [`${write.actorId.replace('mirror-write-group:', 'mirror-write-transaction:')}.0`, `${tmp}/ma.img`],
+      [`${write.actorId.replace('mirror-write-group:', 'mirror-write-transaction:')}.1`, `${tmp}/mb.img`],
+    ]);
+    for (const t of txs) expect(lives.get(t.actorId)!.at(-1)).toBe('SUPER_FLUSHED>DONE');
+    const lines = text.stdout.trim().split('\n');
+    expect(lines[0]).toMatch(/^\S+Z mirror-resync:mir started in IDLE regions=32 regionSectors=256$/);
+    expect(lines.at(-1)).toMatch(/^\S+Z mirror-resync:mir SCANNING --NO_WORK--> IN_SYNC$/);
+  });
+
   test('--stately prints Stately inspector messages as JSON lines', async () => {
     const p = await inspect(pool, ['--stately', '--device', 'lin', '--count', '7']);
     spawned.push(p);

@@ -1,7 +1,7 @@
 /**
  * `dmstate inspect`: attaches to the pool's daemon and prints its actors' live inspection records (bios, kcopyd
- * jobs and pieces, merges) until Ctrl-C, or until --count records. The daemon turns inspection on for what is
- * asked and off again when this disconnects.
+ * jobs and pieces, merges, mirror write groups, write transactions and resyncs) until Ctrl-C, or until --count
+ * records. The daemon turns inspection on for what is asked and off again when this disconnects.
  *
  * Output: text lines (default), the records as JSON lines (--json), Stately inspector messages as JSON lines
  * (--stately), or those messages sent to a WebSocket relay (--stately-ws URL; needs a global WebSocket: Node 22,
@@ -16,9 +16,16 @@ import { poolPaths } from '../pool.js';
 
 export const INSPECT_USAGE = `usage: dmstate inspect [--pool DIR] [--device NAME]... [--actor KIND]... [--rate N] [--count N]
                        [--json | --stately | --stately-ws ws://HOST:PORT]
-  KIND: ${INSPECT_ACTOR_KINDS.join(', ')}, or kcopyd (both kcopyd kinds); --device and --actor repeat or take
-  comma lists; --rate N: at most N records a second per kind start new actors (default 1000, 0 = no limit)
+  KIND: ${INSPECT_ACTOR_KINDS.join(', ')},
+        or kcopyd (both kcopyd kinds), mirror (the three mirror kinds); --device and --actor repeat or take comma
+        lists; --rate N: at most N records a second per kind start new actors (default 1000, 0 = no limit)
 `;
+
+/** Names --actor takes besides the kinds themselves. */
+const KIND_GROUPS: Readonly<Record<string, readonly InspectActorKind[]>> = {
+  kcopyd: ['kcopyd-job', 'kcopyd-piece'],
+  mirror: ['mirror-write-group', 'mirror-write-transaction', 'mirror-resync'],
+};
 
 export interface InspectArgs {
   readonly pool: string;
@@ -55,9 +62,10 @@ export function parseInspectArgs(argv: readonly string[], env: NodeJS.ProcessEnv
         break;
       case '--actor':
         for (const k of value().split(',')) {
-          if (k === 'kcopyd') kinds.push('kcopyd-job', 'kcopyd-piece');
+          const group = Object.hasOwn(KIND_GROUPS, k) ? KIND_GROUPS[k] : undefined;
+          if (group !== undefined) kinds.push(...group);
           else if ((INSPECT_ACTOR_KINDS as readonly string[]).includes(k)) kinds.push(k as InspectActorKind);
-          else throw new DmError('DM_INVALID_ARGUMENT', `inspect: unknown actor kind '${k}' (one of ${INSPECT_ACTOR_KINDS.join(', ')}, kcopyd)`);
+          else throw new DmError('DM_INVALID_ARGUMENT', `inspect: unknown actor kind '${k}' (one of ${INSPECT_ACTOR_KINDS.join(', ')}, ${Object.keys(KIND_GROUPS).join(', ')})`);
         }
         break;
       case '--rate':

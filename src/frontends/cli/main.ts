@@ -46,7 +46,7 @@ usage:
                   dmstate replay --help.  dmstate log compact [--pool DIR] --before SEQ: drop old events
   dmstate replay-writes LOG --to-device FILE [...]      rebuild a device from a dm-log-writes log (--help: options)
   dmstate inspect [--pool DIR] [--device NAME] [--actor KIND] [--json | --stately]
-                  stream the daemon's actors live (bios, kcopyd jobs/pieces, merges); dmstate inspect --help
+                  stream the daemon's actors live (bios, kcopyd jobs/pieces, merges, mirror groups/transactions/resyncs); dmstate inspect --help
   dmstate machines [NAME] [--format json|mermaid|dot|scxml] [--paths [--to STATE]] [--coverage]   the machines; --help
   dmstate bitmap  create FILE --sync-size SECTORS [--chunk SIZE] [--delay S] | examine FILE   md bitmap files
                   (like mdadm --create --bitmap=FILE / mdadm -X FILE); dmstate bitmap --help

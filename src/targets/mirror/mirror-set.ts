@@ -21,13 +21,72 @@ import { LegFlusher } from './leg-flusher.js';
 import { RegionHash } from './region-hash.js';
 import { ResyncDriver } from './resync-driver.js';
 import { formatMirrorFeatures } from './table-args.js';
+import type { WriteGroup } from './write-group.js';
 
 const RESOLVED: Promise<void> = Promise.resolve();
 /** How long a region cleared in memory may wait before the log writes its clean record (when nothing else does). */
 export const MIRROR_CLEAN_DELAY_MS = 100;
 
-/** Watches compiled machine steps (tests compare them with xstate actors). */
-export type MirrorMachineObserver = (machine: 'mirror-write-group' | 'mirror-write-transaction' | 'mirror-resync', id: string, fromState: number, eventIndex: number, toState: number) => void;
+export type MirrorMachineName = 'mirror-write-group' | 'mirror-write-transaction' | 'mirror-resync';
+
+/**
+ * Watches compiled machine steps (tests compare them with xstate actors): `id` is the group's id (`N`), a
+ * transaction's (`N.I`, I its index in the group's legs) or the device name (the resync).
+ */
+export type MirrorMachineObserver = (machine: MirrorMachineName, id: string, fromState: number, eventIndex: number, toState: number) => void;
+
+/**
+ * What the write and resync paths call on every step (MirrorSet.stepObserver): the write group (undefined for the
+ * resync) and a transaction's index in `group.legs` (-1 for a group or the resync), nothing built for the call.
+ */
+export type MirrorStepObserver = (machine: MirrorMachineName, group: WriteGroup | undefined, index: number, fromState: number, eventIndex: number, toState: number) => void;
+
+/** The write group ids of one mapped device, shared by its mirror sets (every mirror target, across reloads). */
+export interface MirrorGroupIds {
+  next: number;
+}
+
+/** Told when mirror sets come and go (the live inspector, which sets their inspect observer while someone watches). */
+export interface MirrorSetsListener {
+  added(set: MirrorSet): void;
+  removed(set: MirrorSet): void;
+}
+
+/**
+ * The mirror sets of one engine (a per-engine shared object, TargetContext.shared 'dm-mirror:sets', which the
+ * engine hands to its live inspector): a set is added when its table is built and removed by its dtr. It also
+ * numbers the write groups per mapped device, so that group ids stay unique across the mirror targets of a table
+ * and across table reloads (actor ids 'mirror-write-group:DEVICE:N').
+ */
+export class MirrorSets {
+  private readonly sets = new Set<MirrorSet>();
+  private readonly perDevice = new Map<string, { ids: MirrorGroupIds; live: number }>();
+  listener: MirrorSetsListener | undefined = undefined;
+
+  add(set: MirrorSet): void {
+    if (this.sets.has(set)) return;
+    let d = this.perDevice.get(set.deviceName);
+    if (d === undefined) {
+      d = { ids: { next: 1 }, live: 0 };
+      this.perDevice.set(set.deviceName, d);
+    }
+    d.live++;
+    set.groupIds = d.ids;
+    this.sets.add(set);
+    this.listener?.added(set);
+  }
+
+  remove(set: MirrorSet): void {
+    if (!this.sets.delete(set)) return;
+    const d = this.perDevice.get(set.deviceName);
+    if (d !== undefined && --d.live === 0) this.perDevice.delete(set.deviceName);
+    this.listener?.removed(set);
+  }
+
+  [Symbol.iterator](): IterableIterator<MirrorSet> {
+    return this.sets.values();
+  }
+}
 
 export interface MirrorSetOptions {
   readonly ctx: TargetContext;
@@ -64,8 +123,18 @@ export class MirrorSet {
   /** Between postsuspend and resume (and before the first resume). */
   suspended = true;
   resumedOnce = false;
-  observer: MirrorMachineObserver | undefined = undefined;
-  nextGroupId = 1;
+  /**
+   * Called on every step of a write group, write transaction or the resync (write-group.ts, resync-driver.ts test
+   * `stepObserver !== undefined` first): undefined unless `observer` is set or live inspection watches this
+   * mirror's actors, so nobody watching costs one comparison per step and allocates nothing.
+   */
+  stepObserver: MirrorStepObserver | undefined = undefined;
+  private userObserver: MirrorMachineObserver | undefined = undefined;
+  /** userObserver called with string ids. */
+  private namedObserver: MirrorStepObserver | undefined = undefined;
+  private inspectObserver: MirrorStepObserver | undefined = undefined;
+  /** Next write group id; shared with the device's other mirror sets once registered (MirrorSets.add). */
+  groupIds: MirrorGroupIds = { next: 1 };
   private readCursor = 0;
   private cleanTimer: ReturnType<TargetContext['clock']['setTimeout']> | undefined = undefined;
 
@@ -94,6 +163,40 @@ export class MirrorSet {
 
   get deviceName(): string {
     return this.ctx.mappedDeviceName;
+  }
+
+  /** A watcher of the machines' steps with string ids (tests); kept beside live inspection's. */
+  get observer(): MirrorMachineObserver | undefined {
+    return this.userObserver;
+  }
+
+  set observer(fn: MirrorMachineObserver | undefined) {
+    this.userObserver = fn;
+    this.namedObserver =
+      fn === undefined
+        ? undefined
+        : (machine, g, i, from, event, to) => fn(machine, g === undefined ? this.deviceName : i < 0 ? `${g.id}` : `${g.id}.${i}`, from, event, to);
+    this.combineObservers();
+  }
+
+  /** Live inspection's observer (src/inspect/live-inspector.ts): set while a watch wants this mirror's actors. */
+  setInspectObserver(fn: MirrorStepObserver | undefined): void {
+    this.inspectObserver = fn;
+    this.combineObservers();
+  }
+
+  private combineObservers(): void {
+    const named = this.namedObserver;
+    const inspect = this.inspectObserver;
+    this.stepObserver =
+      named === undefined
+        ? inspect
+        : inspect === undefined
+          ? named
+          : (machine, g, i, from, event, to) => {
+              named(machine, g, i, from, event, to);
+              inspect(machine, g, i, from, event, to);
+            };
   }
 
   get defaultLeg(): MirrorLeg {

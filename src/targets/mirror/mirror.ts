@@ -37,7 +37,7 @@ import { findDirtyLogType } from '../../dirty-logs/log-registry.js';
 import { KcopydClient } from '../../kcopyd/kcopyd.js';
 import { pinnedMirrorLabels } from '../../replay/mirror-hooks.js';
 import { MirrorLeg } from './leg.js';
-import { MirrorSet } from './mirror-set.js';
+import { MirrorSet, MirrorSets } from './mirror-set.js';
 import { mapRead } from './read-path.js';
 import { ReadOnlyGuardDevice } from './read-only-guard.js';
 import { parseMirrorTableArgs } from './table-args.js';
@@ -45,10 +45,15 @@ import { startFlushGroup, startWriteGroup } from './write-group.js';
 
 export interface MirrorInstance {
   readonly set: MirrorSet;
+  /** The engine's mirror sets (live inspection finds this one there until its dtr). */
+  readonly sets: MirrorSets;
 }
 
 const mirrorKcopyd = (ctx: TargetContext): KcopydClient =>
   ctx.shared('dm-mirror:kcopyd', () => new KcopydClient({ log: ctx.log, name: 'dm-mirror' }));
+
+/** The engine's mirror sets; the engine hands shared objects to its live inspector, which watches them from there. */
+const mirrorSets = (ctx: TargetContext): MirrorSets => ctx.shared('dm-mirror:sets', () => new MirrorSets());
 
 async function mirrorCtr(args: readonly string[], ctx: TargetContext): Promise<MirrorInstance> {
   const a = parseMirrorTableArgs(args);
@@ -104,7 +109,9 @@ async function mirrorCtr(args: readonly string[], ctx: TargetContext): Promise<M
   holder.set = set;
   // No bio crosses a region (Linux dm_set_target_max_io_len(ti, region_size)).
   ctx.setMaxIoSectors(parsed.regionSizeSectors);
-  return { set };
+  const sets = mirrorSets(ctx);
+  sets.add(set);
+  return { set, sets };
 }
 
 function findLeg(set: MirrorSet, spec: string): MirrorLeg {
@@ -152,9 +159,13 @@ export const mirrorTarget: TargetType<MirrorInstance> = Object.freeze({
   ctr: mirrorCtr,
   async dtr(inst: MirrorInstance) {
     const s = inst.set;
-    await s.resync.stop();
-    s.cancelClean();
-    await s.logType.close(s.log);
+    try {
+      await s.resync.stop();
+      s.cancelClean();
+      await s.logType.close(s.log);
+    } finally {
+      inst.sets.remove(s);
+    }
   },
   map(inst: MirrorInstance, bio: Bio, ctx: TargetContext) {
     const s = inst.set;

@@ -122,7 +122,7 @@ export class ResyncDriver {
         const e = this.queue.shift()!;
         const from = this.stateIndex;
         this.stateIndex = RESYNC_MACHINE.step(from, e);
-        this.ms.observer?.('mirror-resync', this.ms.deviceName, from, e, this.stateIndex);
+        if (this.ms.stepObserver !== undefined) this.ms.stepObserver('mirror-resync', undefined, -1, from, e, this.stateIndex);
         this.enter(this.state);
       }
     } finally {

@@ -11,6 +11,9 @@
  * - a leg's failure is recorded (leg marked, region out of sync in the log, the durable mirror.leg.failed event)
  *   before the group's region count drops and before its bio completes;
  * - a flush bio completes after every leg taking writes is flushed and the log has written its clean records.
+ *
+ * Every step of a group or a transaction is reported to `ms.stepObserver` when one is set (a test's check, or live
+ * inspection while someone watches this device's mirror actors); otherwise it costs one comparison.
  */
 import { mirrorWriteGroupMachine, type MirrorWriteGroupEvent } from '../../../machines/mirror-write-group.js';
 import { mirrorWriteTransactionMachine, type MirrorWriteTransactionEvent } from '../../../machines/mirror-write-transaction.js';
@@ -47,6 +50,7 @@ export class WriteGroup {
   logFlush: Promise<void> | undefined = undefined;
 
   constructor(
+    /** Unique per mapped device (MirrorSets numbers them across its mirror targets and table reloads). */
     readonly id: number,
     readonly bio: Bio,
     readonly ctx: TargetContext,
@@ -59,19 +63,19 @@ export class WriteGroup {
 function stepGroup(ms: MirrorSet, g: WriteGroup, event: number): void {
   const from = g.state;
   g.state = WRITE_GROUP_MACHINE.step(from, event);
-  if (ms.observer) ms.observer('mirror-write-group', `${g.id}`, from, event, g.state);
+  if (ms.stepObserver !== undefined) ms.stepObserver('mirror-write-group', g, -1, from, event, g.state);
 }
 
 function stepTx(ms: MirrorSet, g: WriteGroup, i: number, event: number): void {
   const from = g.tx[i];
   g.tx[i] = WRITE_TRANSACTION_MACHINE.step(from, event);
-  if (ms.observer) ms.observer('mirror-write-transaction', `${g.id}.${i}`, from, event, g.tx[i]);
+  if (ms.stepObserver !== undefined) ms.stepObserver('mirror-write-transaction', g, i, from, event, g.tx[i]);
 }
 
 /** A write or discard bio: starts its group (the bio is held). */
 export function startWriteGroup(ms: MirrorSet, bio: Bio, ctx: TargetContext): void {
   const offset = bio.sector - ctx.beginSector;
-  const g = new WriteGroup(ms.nextGroupId++, bio, ctx, offset, ms.regionOf(offset));
+  const g = new WriteGroup(ms.groupIds.next++, bio, ctx, offset, ms.regionOf(offset));
   if (ms.rh.isRecovering(g.region)) {
     stepGroup(ms, g, G.DELAY);
     ms.rh.delay(g.region, () => issueWrite(ms, g));
@@ -200,7 +204,7 @@ async function recordFailures(ms: MirrorSet, g: WriteGroup): Promise<unknown> {
  * those flushes instead of starting their own.
  */
 export function startFlushGroup(ms: MirrorSet, bio: Bio, ctx: TargetContext): void {
-  const g = new WriteGroup(ms.nextGroupId++, bio, ctx, 0, -1);
+  const g = new WriteGroup(ms.groupIds.next++, bio, ctx, 0, -1);
   const legs = ms.writeLegs();
   if (legs.length === 0) {
     stepGroup(ms, g, G.KILL);
