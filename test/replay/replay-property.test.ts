@@ -25,32 +25,14 @@ import { MemoryLevel } from 'memory-level';
 import { ClassicLevel } from 'classic-level';
 import { Engine } from '../../src/core/engine.js';
 import { MemoryBlockDevice } from '../../src/block/memory-device.js';
-import { FaultyBlockDevice, type FaultyErrorRule } from '../../src/block/faulty-device.js';
-import { sectors, type Sector } from '../../src/block/units.js';
+import { sectors } from '../../src/block/units.js';
 import { createRng, type Rng } from '../../src/core/rng.js';
 import { compactLog, listStateSnapshots, type LevelDb } from '../../src/log/event-log.js';
 import { replay } from '../../src/replay/replay.js';
 import { canonicalState, stateDigest } from '../../src/replay/digest.js';
+import { CRASH_FENCE, CrashDevice } from '../helpers/crash.js';
 
-const FENCE: FaultyErrorRule[] = [{ op: 'read' }, { op: 'write' }, { op: 'flush' }, { op: 'discard' }];
 const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
-
-/** A FaultyBlockDevice that reports every I/O before it starts (the power cut counts them). */
-class CountingDevice extends FaultyBlockDevice {
-  onIo: (() => void) | undefined;
-  protected override _read(s: Sector, b: Uint8Array): Promise<void> {
-    this.onIo?.();
-    return super._read(s, b);
-  }
-  protected override _write(s: Sector, b: Uint8Array, fua: boolean): Promise<void> {
-    this.onIo?.();
-    return super._write(s, b, fua);
-  }
-  protected override _flush(): Promise<void> {
-    this.onIo?.();
-    return super._flush();
-  }
-}
 
 interface Stats {
   steps: number;
@@ -101,7 +83,7 @@ async function within<T>(p: Promise<T>, what: string, ms = 10_000): Promise<T> {
 
 class Run {
   readonly inner: Record<string, MemoryBlockDevice>;
-  devs: Record<string, CountingDevice> = {};
+  devs: Record<string, CrashDevice> = {};
   db!: LevelDb;
   e!: Engine;
   private generation = 0;
@@ -139,7 +121,7 @@ class Run {
     this.generation++;
     this.devs = {};
     for (const [label, dev] of Object.entries(this.inner)) {
-      this.devs[label] = new CountingDevice(dev, {
+      this.devs[label] = new CrashDevice(dev, {
         volatileCache: this.backend === 'classic',
         rng: createRng(this.seed * 1000 + this.generation * 10 + label.length),
         closeInner: false,
@@ -165,7 +147,7 @@ class Run {
   /** Drops the engine as a crash would: devices fenced (and, with volatile caches, their unflushed writes lost). */
   async crash(inflight: Array<Promise<unknown>>): Promise<void> {
     const old = this.e;
-    for (const d of Object.values(this.devs)) d.setErrorRules(FENCE);
+    for (const d of Object.values(this.devs)) d.setErrorRules(CRASH_FENCE);
     if (this.backend === 'classic') await Promise.all(Object.values(this.devs).map((d) => d.crash({ torn: true })));
     // What the dropped engine still has in flight fails against the fence; a control op stuck on a suspended
     // device's queue dies with the process.

@@ -241,6 +241,16 @@ async function waitMerge(e: Engine, ms = 10_000): Promise<string> {
   }
 }
 
+/** The handover by the origin's resume (the snapshot Invalid from then on), the snapshot removed, the merge to DONE: origin = snapshot. */
+async function resumeOriginAndMerge(r: Rig): Promise<void> {
+  await r.e.resume('orig');
+  expect(r.e.status('snap')).toEqual(['0 2048 snapshot Invalid']);
+  await r.e.remove('snap');
+  expect(await waitMerge(r.e)).toBe('DONE');
+  expect((await readAll(r.origin)).equals(r.snapshot)).toBe(true);
+  await r.e.close();
+}
+
 describe('snapshot-merge loaded on the origin while the snapshot is not suspended', () => {
   test('the origin resume is refused (suspended, snapshot-merge live, waiting); with the snapshot suspended it merges', async () => {
     const r = await rig();
@@ -262,12 +272,7 @@ describe('snapshot-merge loaded on the origin while the snapshot is not suspende
 
     // LVM's order from here: the snapshot suspended, then the origin resumed (the handover), the snapshot removed.
     await r.e.suspend('snap');
-    await r.e.resume('orig');
-    expect(r.e.status('snap')).toEqual(['0 2048 snapshot Invalid']);
-    await r.e.remove('snap');
-    expect(await waitMerge(r.e)).toBe('DONE');
-    expect((await readAll(r.origin)).equals(r.snapshot)).toBe(true);
-    await r.e.close();
+    await resumeOriginAndMerge(r);
   });
 
   test('loaded and not resumed across a restart (LVM stopped before the origin resume): the handover still happens', async () => {
@@ -278,12 +283,7 @@ describe('snapshot-merge loaded on the origin while the snapshot is not suspende
     await restart(r);
     expect(r.e.status('orig', true)).toEqual([`0 2048 snapshot-merge ${WAITING_USAGE}`]);
     expect(r.e.status('snap')).toEqual([`0 2048 snapshot ${SNAP_USAGE}`]);
-    await r.e.resume('orig');
-    expect(r.e.status('snap')).toEqual(['0 2048 snapshot Invalid']);
-    await r.e.remove('snap');
-    expect(await waitMerge(r.e)).toBe('DONE');
-    expect((await readAll(r.origin)).equals(r.snapshot)).toBe(true);
-    await r.e.close();
+    await resumeOriginAndMerge(r);
   });
 
   test('refused, then restarted: the origin comes back suspended with the waiting table, and merges once the snapshot is suspended', async () => {
@@ -296,11 +296,7 @@ describe('snapshot-merge loaded on the origin while the snapshot is not suspende
     expect(r.e.status('orig')).toEqual([`0 2048 snapshot-merge ${WAITING_USAGE}`]);
     expect(r.e.status('snap')).toEqual([`0 2048 snapshot ${SNAP_USAGE}`]);
     await r.e.suspend('snap');
-    await r.e.resume('orig');
-    await r.e.remove('snap');
-    expect(await waitMerge(r.e)).toBe('DONE');
-    expect((await readAll(r.origin)).equals(r.snapshot)).toBe(true);
-    await r.e.close();
+    await resumeOriginAndMerge(r);
   });
 });
 

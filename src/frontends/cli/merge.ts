@@ -9,21 +9,14 @@
  */
 import { DmError } from '../../core/errors.js';
 import type { ControlClient } from '../control-client.js';
-import { parseDmsetupArgs } from '../dmsetup/command.js';
+import { dmsetupRunner } from './dmsetup-runner.js';
+import { formatDuration, formatProgress } from './progress.js';
 
 /** Polling period of the merge status. */
 const MERGE_POLL_MS = 200;
 
-async function dmsetup(client: ControlClient, argv: readonly string[], cwd: string): Promise<string> {
-  const command = parseDmsetupArgs(argv);
-  command.cwd = cwd;
-  const r = await client.request({ op: 'dmsetup', command });
-  if (r.op !== 'dmsetup') throw new DmError('DM_NO_DAEMON', `unexpected answer from the daemon: ${r.op}`);
-  if (r.result.exitCode !== 0) {
-    throw new DmError((r.result.errorCode as never) ?? 'DM_INVALID_ARGUMENT', `dmsetup ${argv.join(' ')}: ${r.result.stderr.split('\n')[0]}`);
-  }
-  return r.result.stdout;
-}
+/** One dmsetup command in the daemon (dmsetup-runner.ts). */
+const dmsetup = (client: ControlClient, argv: readonly string[], cwd: string): Promise<string> => dmsetupRunner(client, cwd)(argv);
 
 interface TableLine {
   start: string;
@@ -62,21 +55,8 @@ function parseMergeStatus(text: string): MergeStatus {
   };
 }
 
-function formatDuration(seconds: number): string {
-  if (!Number.isFinite(seconds)) return '--:--';
-  const s = Math.round(seconds);
-  const h = Math.floor(s / 3600);
-  const m = Math.floor((s % 3600) / 60);
-  const r = s % 60;
-  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${String(r).padStart(2, '0')}` : `${m}:${String(r).padStart(2, '0')}`;
-}
-
 export function formatMergeProgress(merged: number, total: number, chunksPerSecond: number, width = 30): string {
-  const frac = total === 0 ? 1 : Math.min(1, merged / total);
-  const filled = Math.round(frac * width);
-  // Nothing left: 0:00 even when no chunk was merged while watching (the rate is 0 then).
-  const eta = merged >= total ? 0 : chunksPerSecond > 0 ? (total - merged) / chunksPerSecond : Infinity;
-  return `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(frac * 100).toFixed(1).padStart(5)}%  ${merged}/${total} chunks  ${Math.round(chunksPerSecond)} chunks/s  ETA ${formatDuration(eta)}`;
+  return formatProgress(merged, total, 'chunks', chunksPerSecond, width);
 }
 
 /** A dmsetup command line (the arguments after `dmsetup`). */

@@ -6,27 +6,11 @@
  * Exit code 0 once in sync; 1 when the resync waits for a failed leg (DEGRADED) or the device is suspended.
  */
 import { DmError } from '../../core/errors.js';
-import type { ControlClient } from '../control-client.js';
-import { parseDmsetupArgs } from '../dmsetup/command.js';
+import type { DmsetupRunner } from './dmsetup-runner.js';
+import { formatProgress } from './progress.js';
 
 /** Polling period of the resync status. */
 const RESYNC_POLL_MS = 200;
-
-/** Runs one dmsetup command (argv after `dmsetup`) and returns its stdout; rejects with the command's error. */
-export type DmsetupRunner = (argv: string[]) => Promise<string>;
-
-export function dmsetupRunner(client: ControlClient, cwd: string): DmsetupRunner {
-  return async (argv) => {
-    const command = parseDmsetupArgs(argv);
-    command.cwd = cwd;
-    const r = await client.request({ op: 'dmsetup', command });
-    if (r.op !== 'dmsetup') throw new DmError('DM_NO_DAEMON', `unexpected answer from the daemon: ${r.op}`);
-    if (r.result.exitCode !== 0) {
-      throw new DmError((r.result.errorCode as never) ?? 'DM_INVALID_ARGUMENT', `dmsetup ${argv.join(' ')}: ${r.result.stderr.split('\n')[0]}`);
-    }
-    return r.result.stdout;
-  };
-}
 
 export interface ResyncStatus {
   readonly state: string;
@@ -46,21 +30,9 @@ export function parseResyncStatus(text: string): ResyncStatus {
   return { state, regionsInSync: Number(inSync), regionsTotal: Number(total), health: get('health') ?? '' };
 }
 
-function formatDuration(seconds: number): string {
-  if (!Number.isFinite(seconds)) return '--:--';
-  const s = Math.round(seconds);
-  const h = Math.floor(s / 3600);
-  const m = Math.floor((s % 3600) / 60);
-  const r = s % 60;
-  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${String(r).padStart(2, '0')}` : `${m}:${String(r).padStart(2, '0')}`;
-}
-
 /** `[#####.....]  42.0%  420/1000 regions  85 regions/s  ETA 0:07` */
 export function formatResyncProgress(inSync: number, total: number, regionsPerSecond: number, width = 30): string {
-  const frac = total === 0 ? 1 : Math.min(1, inSync / total);
-  const filled = Math.round(frac * width);
-  const eta = regionsPerSecond > 0 ? (total - inSync) / regionsPerSecond : inSync >= total ? 0 : Infinity;
-  return `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(frac * 100).toFixed(1).padStart(5)}%  ${inSync}/${total} regions  ${Math.round(regionsPerSecond)} regions/s  ETA ${formatDuration(eta)}`;
+  return formatProgress(inSync, total, 'regions', regionsPerSecond, width);
 }
 
 export interface ResyncWatchOptions {

@@ -48,7 +48,7 @@ import type { Chunk, Sector } from '../../block/units.js';
 import { assert } from '../../core/assert.js';
 import { compileMachine } from '../../core/compiled-machine.js';
 import { DmError } from '../../core/errors.js';
-import { KCOPYD_SEGMENTS_MAX, type KcopydClient } from '../../kcopyd/kcopyd.js';
+import { KCOPYD_SEGMENTS_MAX, type KcopydClient, type KcopydSegment } from '../../kcopyd/kcopyd.js';
 import type { MergeBatchLimits, MergeRun } from '../../stores/contract.js';
 import type { OriginRegistry } from './origin-registry.js';
 import { originWrite } from './origin-write.js';
@@ -547,23 +547,19 @@ export class Merger {
       this.copyNext < this.batch.length &&
       this.copyError === undefined
     ) {
-      const run = this.batch[this.copyNext];
-      const { lengthSectors } = this.runRegion(run);
-      if (lengthSectors <= 0) {
+      const group = this.copySegments(); // newest (highest on the COW) first
+      if (group.length === 0) {
         // A record for a chunk past the end of the origin: the kernel's copy fails there too.
-        this.copyError = `write error: exception for origin chunk ${run.lastOldChunk} lies past the end of the origin: shutting down merge`;
+        this.copyError = `write error: exception for origin chunk ${this.batch[this.copyNext].lastOldChunk} lies past the end of the origin: shutting down merge`;
         break;
       }
-      // Newest (highest on the COW) first: in source order they go the other way.
-      const segments = this.copySegments().reverse();
+      // In source (COW) order, the oldest run first.
+      const scatter: KcopydSegment[] = [];
       let sourceSectors = 0;
-      for (const seg of segments) sourceSectors += seg.lengthSectors;
-      let offsetSectors = 0;
-      const scatter = segments.map((seg) => {
-        const at = offsetSectors;
-        offsetSectors += seg.lengthSectors;
-        return { device: s.origin.device, sector: seg.oldSector as Sector, sourceOffsetSectors: at as Sector, lengthSectors: seg.lengthSectors as Sector };
-      });
+      for (let i = group.length - 1; i >= 0; i--) {
+        scatter.push({ device: s.origin.device, sector: group[i].oldSector as Sector, sourceOffsetSectors: sourceSectors as Sector, lengthSectors: group[i].lengthSectors as Sector });
+        sourceSectors += group[i].lengthSectors;
+      }
       this.copiesInFlight++;
       this.copySectorsInFlight += sourceSectors;
       this.copiedSinceHintSectors += sourceSectors;
@@ -571,7 +567,7 @@ export class Merger {
         this.copiedSinceHintSectors = 0;
         s.origin.device.flush().catch(() => undefined);
       }
-      const source = { device: s.cow.device, sector: segments[0].sector as Sector, lengthSectors: sourceSectors as Sector };
+      const source = { device: s.cow.device, sector: group[group.length - 1].sector as Sector, lengthSectors: sourceSectors as Sector };
       const copyDone = (readError: boolean, writeErrorMask: number): void => {
         this.copiesInFlight--;
         this.copySectorsInFlight -= sourceSectors;
@@ -580,8 +576,7 @@ export class Merger {
         }
         this.startCopies();
       };
-      if (scatter.length === 1) this.kcopyd.copy(source, [{ device: s.origin.device, sector: scatter[0].sector, lengthSectors: scatter[0].lengthSectors }], {}, copyDone);
-      else this.kcopyd.copyScatter(source, scatter, {}, copyDone);
+      this.kcopyd.copyScatter(source, scatter, {}, copyDone);
     }
     if (this.copiesInFlight > 0) return;
     if (this.copyError !== undefined) {
