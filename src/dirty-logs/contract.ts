@@ -74,7 +74,7 @@ export interface DirtyLogOptions {
   /** Injected time source (ms), so daemon passes replay exactly in tests. */
   readonly clock: Clock;
   /**
-   * Read-only (a mirror pinned by a read-only replayed pool, src/replay/mirror-hooks.ts): the log reads its device
+   * Read-only (a mirror pinned by a read-only replayed pool, src/replay/pinned-files.ts): the log reads its device
    * at resume and derives which regions are in sync from it exactly as usual, but never writes or flushes it —
    * not at resume, not for a flush, not at suspend, no daemon pass. The mirror takes no writes in this mode, so
    * nothing is marked; a flush that would have to make a mark durable rejects with DM_IO, clears are dropped.

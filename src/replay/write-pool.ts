@@ -11,7 +11,7 @@
  * (the 'meta' table says so). The snapshot target takes the exceptions from the pool instead of the COW's own
  * metadata, which has usually moved on, and writes nothing (no checkpoint, no merge); a mirror naming a pinned
  * leg or region log (disk log, md bitmap file) reads its log and writes nothing (no log write, no resync, no leg
- * write: src/replay/mirror-hooks.ts, src/targets/mirror/mirror.ts). What the devices read is the metadata of that
+ * write: src/replay/pinned-files.ts, src/targets/mirror/mirror.ts). What the devices read is the metadata of that
  * point over the data files of today.
  *
  * Digests. The new pool's own digest (what `dmstate replay --pool DIR2` and the served engine's stateDigest()
@@ -38,7 +38,7 @@ import { EventLog, META_PINNED_PREFIX, META_REPLAYED_FROM, walGroupKey, type Bat
 import type { DmEvent } from '../log/events.js';
 import { persistentStore } from '../stores/persistent-store.js';
 import { stateDigest } from './digest.js';
-import { META_PINNED_MIRROR_PREFIX, mirrorFilesOfTable, type PinnedMirrorFile } from './mirror-hooks.js';
+import { META_PINNED_MIRROR_PREFIX, pinnableFilesOfTable, type PinnedFile } from './pinned-files.js';
 import { clonePoolState, encodeRuns, persistentCowsOfTable, withReadOnlyFlags, type CowState, type PoolState } from './pool-state.js';
 
 export interface WriteReplayedPoolOptions {
@@ -92,11 +92,11 @@ export function replayedPoolState(state: PoolState, writable: boolean): PoolStat
 }
 
 /** The files the mirror tables of the state name (legs and region logs), with the first device naming each. */
-function namedMirrorFiles(state: PoolState): Map<string, PinnedMirrorFile> {
-  const files = new Map<string, PinnedMirrorFile>();
+function namedPinnableFiles(state: PoolState): Map<string, PinnedFile> {
+  const files = new Map<string, PinnedFile>();
   const devices = [...state.devices].sort((a, b) => a[1].order - b[1].order);
   for (const [name, d] of devices) {
-    for (const f of [...mirrorFilesOfTable(d.live), ...mirrorFilesOfTable(d.inactive)]) if (!files.has(f.label)) files.set(f.label, { device: name, role: f.role });
+    for (const f of [...pinnableFilesOfTable(d.live), ...pinnableFilesOfTable(d.inactive)]) if (!files.has(f.label)) files.set(f.label, { device: name, role: f.role });
   }
   return files;
 }
@@ -174,7 +174,7 @@ export async function writeReplayedPool(dir: string, state: PoolState, options: 
   const expected = replayedPoolState(state, writable);
   const readOnlyThen = [...state.devices].filter(([, d]) => d.readOnly).map(([name]) => name).sort();
   const madeReadOnly = writable ? [] : [...state.devices].filter(([, d]) => !d.readOnly).map(([name]) => name).sort();
-  const mirrorFiles = writable ? new Map<string, PinnedMirrorFile>() : namedMirrorFiles(state);
+  const mirrorFiles = writable ? new Map<string, PinnedFile>() : namedPinnableFiles(state);
   const tmp = `${target.dir}.replay-${process.pid}`;
   if (fs.existsSync(tmp)) throw new DmError('DM_INVALID_ARGUMENT', `--into: ${tmp} exists (left by an earlier replay?): remove it first`);
   fs.mkdirSync(path.dirname(target.dir), { recursive: true });

@@ -14,7 +14,7 @@ import { DISK_LOG_BITS_OFFSET_BYTES, diskLog } from '../../src/dirty-logs/disk-l
 import { createMdBitmapImage } from '../../src/dirty-logs/md-bitmap/create-image.js';
 import { mdBitmapLog } from '../../src/dirty-logs/md-bitmap/md-bitmap-log.js';
 import { MD_BITMAP_SUPERBLOCK_BYTES } from '../../src/dirty-logs/md-bitmap/superblock.js';
-import { mirrorFilesOfTable } from '../../src/replay/mirror-hooks.js';
+import { pinnableFilesOfTable } from '../../src/replay/pinned-files.js';
 import { ReadOnlyGuardDevice } from '../../src/targets/mirror/read-only-guard.js';
 
 const TARGET = 32768;
@@ -140,7 +140,7 @@ describe('read-only region logs (a pinned mirror of a replayed pool)', () => {
 
   test('mirror tables name their region log device and legs; other lines name nothing', () => {
     expect(
-      mirrorFilesOfTable([
+      pinnableFilesOfTable([
         '0 2048 mirror disk 2 /x/log.img 64 2 /x/a.img 0 /x/b.img 0 1 handle_errors',
         '2048 2048 mirror md-bitmap 5 /x/bm.img 64 1 offset 8 2 c 0 d 0',
         '4096 2048 mirror core 2 64 nosync 2 l1 0 l2 0',
@@ -157,6 +157,6 @@ describe('read-only region logs (a pinned mirror of a replayed pool)', () => {
       { label: 'l1', role: 'leg' },
       { label: 'l2', role: 'leg' },
     ]);
-    expect(mirrorFilesOfTable(null)).toEqual([]);
+    expect(pinnableFilesOfTable(null)).toEqual([]);
   });
 });

@@ -13,7 +13,7 @@
  * - a mark (`dmsetup message DEV 0 mark NAME`) is logged at once; the super block is rewritten after every FUA
  *   and mark entry (not after flushes: the kernel does not either);
  * - removing the table logs the writes still unflushed and a `dm-log-writes-end` mark.
- * In a read-only replayed pool whose log-writes table is pinned (src/replay/mirror-hooks.ts), logging is off from
+ * In a read-only replayed pool whose log-writes table is pinned (src/replay/pinned-files.ts), logging is off from
  * the start (status `logging_disabled`, as the kernel's after a log error): the log the pool had stays as it is,
  * end mark included.
  *
@@ -31,7 +31,7 @@ import { SECTOR_SIZE_BYTES } from '../../block/units.js';
 import { MAP_HELD, MAP_KILL, MAP_REMAPPED, type Bio } from '../../core/bio.js';
 import { DmError } from '../../core/errors.js';
 import type { DeviceRef, TargetContext, TargetType } from '../../core/target-contract.js';
-import { pinnedMirrorLabels } from '../../replay/mirror-hooks.js';
+import { pinnedFileLabels } from '../../replay/pinned-files.js';
 import {
   encodeEntryHeader,
   encodeMarkBlock,
@@ -145,7 +145,7 @@ export const logWritesTarget: TargetType<LogWritesInstance> = Object.freeze({
       );
     }
     const writer = new LogWriter(logdev.device, blockSizeBytes);
-    const pinned = await pinnedMirrorLabels(ctx.log, [dev.label, logdev.label]);
+    const pinned = await pinnedFileLabels(ctx.log, [dev.label, logdev.label]);
     if (pinned.length > 0) {
       writer.enabled = false;
       writer.disabledReason = `${pinned.join(', ')} pinned by a read-only replayed pool`;

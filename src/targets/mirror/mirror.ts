@@ -13,7 +13,7 @@
  * percentage of time the resync may copy.
  *
  * Read-only (pinned) mirrors: a read-only replayed pool (`dmstate replay --into` without --writable) pins the legs
- * and region logs its mirror tables name (src/replay/mirror-hooks.ts), as it pins its snapshots' exceptions. A
+ * and region logs its mirror tables name (src/replay/pinned-files.ts), as it pins its snapshots' exceptions. A
  * mirror table naming a pinned file runs read-only, and leaves every file as it found it:
  *   - the legs and the log device are reached only through ReadOnlyGuardDevice (writes refused, flush a no-op);
  *   - the region log is created read-only: it reads the log device at resume and never writes it (no header or
@@ -35,7 +35,7 @@ import { DmError } from '../../core/errors.js';
 import type { DeviceRef, TargetContext, TargetType } from '../../core/target-contract.js';
 import { findDirtyLogType } from '../../dirty-logs/log-registry.js';
 import { KcopydClient } from '../../kcopyd/kcopyd.js';
-import { pinnedMirrorLabels } from '../../replay/mirror-hooks.js';
+import { pinnedFileLabels } from '../../replay/pinned-files.js';
 import { MirrorLeg } from './leg.js';
 import { MirrorSet, MirrorSets } from './mirror-set.js';
 import { mapRead } from './read-path.js';
@@ -71,7 +71,7 @@ async function mirrorCtr(args: readonly string[], ctx: TargetContext): Promise<M
   let logRef: DeviceRef | undefined;
   if (parsed.logPath !== undefined) logRef = await ctx.openDevice(parsed.logPath);
   // A read-only replayed pool pins the files of its mirrors: such a mirror writes none of them (see the header).
-  const pinned = await pinnedMirrorLabels(ctx.log, [...(logRef ? [logRef.label] : []), ...legRefs.map((r) => r.label)]);
+  const pinned = await pinnedFileLabels(ctx.log, [...(logRef ? [logRef.label] : []), ...legRefs.map((r) => r.label)]);
   const readOnly = pinned.length > 0;
   const why = `mirror ${ctx.mappedDeviceName} is read-only: ${pinned.join(', ')} pinned by a replayed pool`;
   const view = (d: BlockDevice): BlockDevice => (readOnly ? new ReadOnlyGuardDevice(d, why) : d);

@@ -1,5 +1,5 @@
 /**
- * A read-only view of a device for a pinned mirror (a read-only replayed pool, src/replay/mirror-hooks.ts): reads
+ * A read-only view of a device for a pinned mirror (a read-only replayed pool, src/replay/pinned-files.ts): reads
  * and block status go to the device; writes and discards are refused with DM_IO and counted; a flush does nothing
  * (nothing was written through the view). A pinned mirror hands its legs and its region log device only through
  * this view, so no path inside the mirror — write groups, resync copies, log flushes, md bitmap daemon passes —

@@ -19,7 +19,7 @@ import { parseMirrorTableArgs } from '../targets/mirror/table-args.js';
 export const META_PINNED_MIRROR_PREFIX = 'pinnedMirror:';
 
 /** The value of a `pinnedMirror:<label>` record: the device whose table named the file, and what the file was. */
-export interface PinnedMirrorFile {
+export interface PinnedFile {
   readonly device: string;
   readonly role: PinnedFileRole;
 }
@@ -32,7 +32,7 @@ export type PinnedFileRole = 'leg' | 'log' | 'log-writes-dev' | 'log-writes-log'
  * the region log device first when the log type has one, then the legs; for log-writes the device, then the log
  * device. Other lines, or lines that do not parse, name none.
  */
-export function mirrorFilesOfTable(lines: readonly string[] | null): Array<{ label: string; role: PinnedFileRole }> {
+export function pinnableFilesOfTable(lines: readonly string[] | null): Array<{ label: string; role: PinnedFileRole }> {
   const out: Array<{ label: string; role: PinnedFileRole }> = [];
   for (const line of lines ?? []) {
     const w = line.trim().split(/\s+/);
@@ -58,9 +58,9 @@ export function mirrorFilesOfTable(lines: readonly string[] | null): Array<{ lab
  * A read-only pool written by `replay --into` before mirror files were pinned (its replayedFrom record has no
  * readOnlyDevices) pins every mirror: all of `labels`.
  */
-export async function pinnedMirrorLabels(log: EventLog, labels: readonly string[]): Promise<string[]> {
+export async function pinnedFileLabels(log: EventLog, labels: readonly string[]): Promise<string[]> {
   const out: string[] = [];
-  for (const label of labels) if ((await log.getRecord<PinnedMirrorFile>('meta', META_PINNED_MIRROR_PREFIX + label)) !== undefined) out.push(label);
+  for (const label of labels) if ((await log.getRecord<PinnedFile>('meta', META_PINNED_MIRROR_PREFIX + label)) !== undefined) out.push(label);
   if (out.length > 0) return out;
   const from = await log.getRecord<{ readOnly?: boolean; readOnlyDevices?: unknown }>('meta', META_REPLAYED_FROM);
   return from?.readOnly === true && from.readOnlyDevices === undefined ? [...labels] : out;
